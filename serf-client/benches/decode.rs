@@ -1,0 +1,2 @@
+//! Decoding benchmark (filled in below).
+fn main() {}
