@@ -71,7 +71,9 @@ impl ClientConfig {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| DEFAULT_RPC_ADDR.to_string());
         let mut cfg = Self::new(addr);
-        cfg.auth = std::env::var("SERF_RPC_AUTH").ok().filter(|s| !s.is_empty());
+        cfg.auth = std::env::var("SERF_RPC_AUTH")
+            .ok()
+            .filter(|s| !s.is_empty());
         cfg
     }
 
@@ -603,13 +605,19 @@ impl Client {
         command: &'static str,
         body: Option<&B>,
     ) -> Result<Bytes> {
-        self.call(command, body, true).await?.ok_or_else(|| Error::Decode {
-            what: "reply",
-            message: format!("{command} reply without a body"),
-        })
+        self.call(command, body, true)
+            .await?
+            .ok_or_else(|| Error::Decode {
+                what: "reply",
+                message: format!("{command} reply without a body"),
+            })
     }
 
-    async fn call_empty<B: Serialize>(&self, command: &'static str, body: Option<&B>) -> Result<()> {
+    async fn call_empty<B: Serialize>(
+        &self,
+        command: &'static str,
+        body: Option<&B>,
+    ) -> Result<()> {
         self.call(command, body, false).await.map(|_| ())
     }
 
@@ -815,8 +823,11 @@ impl Client {
     /// `respond`: answers a query received on a stream of **this** connection, before its
     /// deadline, once.
     pub async fn respond(&self, id: u64, payload: &[u8]) -> Result<()> {
-        self.call_empty(cmd::RESPOND, Some(&protocol::RespondRequest { id, payload }))
-            .await
+        self.call_empty(
+            cmd::RESPOND,
+            Some(&protocol::RespondRequest { id, payload }),
+        )
+        .await
     }
 
     async fn key_call(&self, command: &'static str, key: Option<&str>) -> Result<KeyResponse> {
@@ -983,8 +994,7 @@ impl RawStream {
         match st.pending.get(&self.seq) {
             Some(Pending::Stream { ack, .. }) => {
                 let acked = ack.is_none();
-                st.pending
-                    .insert(self.seq, Pending::Stopped { acked });
+                st.pending.insert(self.seq, Pending::Stopped { acked });
                 was_open
             }
             _ => false,

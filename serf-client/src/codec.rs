@@ -220,7 +220,11 @@ mod tests {
             let bytes = enc(&v);
             let mut with_tail = bytes.clone();
             with_tail.extend_from_slice(&[0x82, 0x01]);
-            assert_eq!(scan_frame(&with_tail), Ok(Frame::Complete(bytes.len())), "{v}");
+            assert_eq!(
+                scan_frame(&with_tail),
+                Ok(Frame::Complete(bytes.len())),
+                "{v}"
+            );
             for cut in 0..bytes.len() {
                 assert_eq!(
                     scan_frame(&bytes[..cut]),

@@ -164,7 +164,11 @@ mod tests {
             "member-join,user:deploy,query:load,member-join,member-leave,member-failed,member-update,member-reap"
         );
         assert!(EventFilter::parse("").unwrap().matches("user", "x"));
-        assert!(EventFilter::parse("*").unwrap().matches("member-failed", ""));
+        assert!(
+            EventFilter::parse("*")
+                .unwrap()
+                .matches("member-failed", "")
+        );
     }
 
     #[test]
