@@ -960,6 +960,16 @@ struct RawStream {
     open: bool,
 }
 
+impl fmt::Debug for RawStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("seq", &self.seq)
+            .field("open", &self.open)
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
 impl RawStream {
     async fn next(&mut self) -> Option<Result<Bytes>> {
         let missed = self.missed.load(Ordering::Relaxed);
@@ -1046,6 +1056,7 @@ impl Drop for RawStream {
 /// reported as [`Error::Lagged`] at the next call to [`EventStream::next`], never dropped
 /// silently. When the connection breaks, `next` returns [`Error::ConnectionClosed`] once and
 /// then `None`.
+#[derive(Debug)]
 pub struct EventStream {
     raw: RawStream,
 }
@@ -1076,6 +1087,7 @@ impl EventStream {
 }
 
 /// An open log stream from [`Client::monitor`]. Dropping it sends `stop`.
+#[derive(Debug)]
 pub struct LogStream {
     raw: RawStream,
 }
@@ -1098,6 +1110,7 @@ impl LogStream {
 }
 
 /// The records of a running query from [`Client::query`]. Ends at the query's deadline.
+#[derive(Debug)]
 pub struct QueryStream {
     raw: RawStream,
     done: bool,
