@@ -1,0 +1,181 @@
+//! `SerfEventTrigger`: fires a Serf user event or query from Kubernetes and records the
+//! outcome.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Fires a Serf user event or query: once for each generation of the spec, or on every tick
+/// of `schedule`. The outcome (sent, failed, the query's acks and responses) is recorded in
+/// status.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "serf.operator.io",
+    version = "v1alpha1",
+    kind = "SerfEventTrigger",
+    plural = "serfeventtriggers",
+    shortname = "set",
+    category = "serf",
+    namespaced,
+    doc = "Fires a Serf user event or query from Kubernetes and records the outcome.",
+    status = "SerfEventTriggerStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Event","type":"string","jsonPath":".spec.event.name"}"#,
+    printcolumn = r#"{"name":"Query","type":"string","jsonPath":".spec.query.name"}"#,
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Sent","type":"string","jsonPath":".status.conditions[?(@.type==\"Sent\")].status"}"#,
+    printcolumn = r#"{"name":"Fired","type":"integer","jsonPath":".status.firedCount"}"#,
+    printcolumn = r#"{"name":"Last","type":"date","jsonPath":".status.lastFired"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = kube::core::Rule::new("has(self.event) != has(self.query)")
+        .message("a trigger fires exactly one of event or query")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SerfEventTriggerSpec {
+    /// A user event to fire (`serf event`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<TriggerEvent>,
+
+    /// A query to run (`serf query`); its acks and responses land in status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<TriggerQuery>,
+
+    /// A cron schedule (5 fields, e.g. `*/5 * * * *`), in UTC unless `timeZone` says
+    /// otherwise. Without it the trigger fires once for each generation of its spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub schedule: Option<String>,
+
+    /// The IANA time zone of `schedule`, e.g. `Europe/Berlin`. Default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub time_zone: Option<String>,
+
+    /// Stop firing (a scheduled trigger skips its ticks; an unscheduled one waits).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+}
+
+/// A user event.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new(
+        "size(bytes(self.name)) + (has(self.payload) ? size(bytes(self.payload)) : 0) <= 470"
+    )
+    .message("name and payload together must fit Serf's user event limit: at most 470 bytes (512 with Serf's envelope)")
+)]
+pub struct TriggerEvent {
+    /// The event name (SERF_USER_EVENT on receivers).
+    #[schemars(length(min = 1, max = 470))]
+    pub name: String,
+    /// The payload, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 470))]
+    pub payload: Option<String>,
+    /// Let receivers coalesce bursts of this event into the newest one, as `serf event` does
+    /// by default. Default false here: every generation is delivered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub coalesce: bool,
+}
+
+/// A query.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new(
+        "size(bytes(self.name)) + (has(self.payload) ? size(bytes(self.payload)) : 0) <= 900"
+    )
+    .message("name and payload together must fit Serf's query limit: at most 900 bytes (1024 with filters and envelope)")
+)]
+#[x_kube(
+    validation = kube::core::Rule::new("!self.name.startsWith('_serf_')")
+        .message("query names starting with _serf_ are reserved by Serf")
+)]
+pub struct TriggerQuery {
+    /// The query name (SERF_QUERY_NAME on receivers).
+    #[schemars(length(min = 1, max = 900))]
+    pub name: String,
+    /// The payload, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 900))]
+    pub payload: Option<String>,
+    /// Only these nodes receive the query.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub filter_nodes: Vec<String>,
+    /// Only nodes whose tags match receive it: tag name to a regular expression that may
+    /// match anywhere in the value (as `serf query -tag`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub filter_tags: BTreeMap<String, String>,
+    /// How long to collect answers (e.g. `5s`). Omitted: Serf's default (3.2 s for fewer
+    /// than 10 nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub timeout: Option<String>,
+    /// Ask receiving nodes to acknowledge. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_ack: Option<bool>,
+    /// Extra nodes that relay each answer, for lossy networks. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 5))]
+    pub relay_factor: Option<u8>,
+}
+
+/// The observed state of a SerfEventTrigger.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SerfEventTriggerStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Sent` (True, False with Serf's error text, or Unknown when the operator stopped
+    /// between sending and recording) and `Failed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// When it last fired (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fired: Option<String>,
+    /// How many times it has fired.
+    #[serde(default)]
+    pub fired_count: i64,
+    /// For queries: what the latest run got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<QueryResult>,
+}
+
+/// The acks and responses of a query run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryResult {
+    /// Nodes that acknowledged (at most 100; `ackCount` counts all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acks: Vec<String>,
+    /// All acks.
+    #[serde(default)]
+    pub ack_count: i32,
+    /// Answers (at most 100; `responseCount` counts all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub responses: Vec<QueryResponse>,
+    /// All answers.
+    #[serde(default)]
+    pub response_count: i32,
+    /// True when the query ran to its deadline.
+    #[serde(default)]
+    pub complete: bool,
+}
+
+/// One node's answer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryResponse {
+    /// Node name.
+    pub from: String,
+    /// The answer as text (invalid UTF-8 replaced).
+    pub payload: String,
+}

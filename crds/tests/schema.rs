@@ -1,0 +1,226 @@
+//! The committed CRDs match the types, and their validation rules accept and refuse what
+//! they should (evaluated with the Kubernetes CEL library, client side).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use kube::CustomResourceExt;
+use serde_json::{Value, json};
+use serf_operator_crds::{SerfEventTrigger, SerfHandler, crd_files};
+
+#[test]
+fn committed_crds_are_up_to_date() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(serf_operator_crds::CHART_CRD_DIR);
+    for (name, yaml) in crd_files().unwrap() {
+        let committed = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+        assert!(
+            committed == yaml,
+            "{name} is stale: run `cargo run -p serf-operator -- crds` and commit the result"
+        );
+    }
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut expected: Vec<String> = crd_files().unwrap().into_iter().map(|(n, _)| n).collect();
+    expected.sort();
+    assert_eq!(
+        on_disk, expected,
+        "files in the CRD directory that no type generates"
+    );
+}
+
+#[test]
+fn names_columns_and_subresources() {
+    let crd = SerfHandler::crd();
+    assert_eq!(
+        crd.spec.names.short_names.as_deref(),
+        Some(&["sh".to_string()][..])
+    );
+    assert_eq!(
+        crd.spec.names.categories.as_deref(),
+        Some(&["serf".to_string()][..])
+    );
+    let v = &crd.spec.versions[0];
+    assert!(v.subresources.as_ref().unwrap().status.is_some());
+    let cols: Vec<&str> = v
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(cols, ["Role", "Routes", "Ready", "Reason", "Age"]);
+    let crd = SerfEventTrigger::crd();
+    assert_eq!(
+        crd.spec.names.short_names.as_deref(),
+        Some(&["set".to_string()][..])
+    );
+    assert_eq!(crd.spec.scope, "Namespaced");
+}
+
+fn schema_of(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Value {
+    let s = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap();
+    serde_json::to_value(s).unwrap()
+}
+
+fn check(schema: &Value, object: Value) -> Result<(), String> {
+    kube::core::cel::Validator::new()
+        .validate(schema, &object, None)
+        .map_err(|e| e.to_string())
+}
+
+fn handler(routes: Value) -> Value {
+    json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+        "metadata": {"name": "h", "namespace": "apps"},
+        "spec": {"role": "web", "routes": routes}
+    })
+}
+
+fn job() -> Value {
+    json!({"spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}})
+}
+
+#[test]
+fn handler_rules() {
+    let schema = schema_of(&SerfHandler::crd());
+    check(&schema, handler(json!([
+        {"name": "deploy", "on": "user:deploy", "job": job()},
+        {"name": "where", "on": "query:where", "respond": {"payload": "$(SERF_SELF_NAME)"}},
+        {"name": "db-failed", "on": "member-failed,member-leave", "members": {"role": "db"}, "coalesce": "10s", "job": job()},
+    ]))).unwrap();
+
+    let err = check(
+        &schema,
+        handler(json!([
+            {"name": "a", "on": "user", "job": job()},
+            {"name": "a", "on": "query", "respond": {"payload": "x"}},
+        ])),
+    )
+    .unwrap_err();
+    assert!(err.contains("route names must be unique"), "{err}");
+
+    let err = check(
+        &schema,
+        handler(json!([
+            {"name": "a", "on": "query", "job": job(), "respond": {"payload": "x"}},
+        ])),
+    )
+    .unwrap_err();
+    assert!(err.contains("exactly one action"), "{err}");
+    let err = check(&schema, handler(json!([{"name": "a", "on": "query"}]))).unwrap_err();
+    assert!(err.contains("exactly one action"), "{err}");
+
+    let err = check(
+        &schema,
+        handler(json!([
+            {"name": "a", "on": "user:deploy", "respond": {"payload": "x"}},
+        ])),
+    )
+    .unwrap_err();
+    assert!(err.contains("respond answers queries only"), "{err}");
+
+    let err = check(
+        &schema,
+        handler(json!([
+            {"name": "a", "on": "user:deploy", "members": {"role": "db"}, "job": job()},
+        ])),
+    )
+    .unwrap_err();
+    assert!(err.contains("member events only"), "{err}");
+}
+
+#[test]
+fn filter_pattern_is_serf_syntax() {
+    let re = regex::Regex::new(serf_operator_crds::schema::EVENT_FILTER_PATTERN).unwrap();
+    for ok in [
+        "*",
+        "user",
+        "user:deploy",
+        "query:where",
+        "member-*",
+        "member-join,member-failed",
+        "user:a-b.c,query",
+    ] {
+        assert!(re.is_match(ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "users",
+        "user, query",
+        "member-teleport",
+        "user:a,",
+        ",user",
+        "query:",
+    ] {
+        assert!(!re.is_match(bad), "{bad:?}");
+    }
+}
+
+fn trigger(spec: Value) -> Value {
+    json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfEventTrigger",
+        "metadata": {"name": "t", "namespace": "apps"},
+        "spec": spec
+    })
+}
+
+#[test]
+fn trigger_rules() {
+    let schema = schema_of(&SerfEventTrigger::crd());
+    check(
+        &schema,
+        trigger(json!({"event": {"name": "deploy", "payload": "v1.2.3"}})),
+    )
+    .unwrap();
+    check(&schema, trigger(json!({"query": {"name": "load", "filterTags": {"role": "db"}, "timeout": "5s"}, "schedule": "*/5 * * * *"}))).unwrap();
+
+    let err = check(
+        &schema,
+        trigger(json!({"event": {"name": "a"}, "query": {"name": "b"}})),
+    )
+    .unwrap_err();
+    assert!(err.contains("exactly one of event or query"), "{err}");
+    let err = check(&schema, trigger(json!({}))).unwrap_err();
+    assert!(err.contains("exactly one of event or query"), "{err}");
+
+    // 470 bytes fit; 471 do not. Multi-byte characters count as bytes, as Serf counts them.
+    check(
+        &schema,
+        trigger(json!({"event": {"name": "n", "payload": "x".repeat(469)}})),
+    )
+    .unwrap();
+    let err = check(
+        &schema,
+        trigger(json!({"event": {"name": "n", "payload": "x".repeat(470)}})),
+    )
+    .unwrap_err();
+    assert!(err.contains("user event limit"), "{err}");
+    let err = check(
+        &schema,
+        trigger(json!({"event": {"name": "n", "payload": "é".repeat(240)}})),
+    )
+    .unwrap_err();
+    assert!(err.contains("user event limit"), "{err}");
+
+    let err = check(&schema, trigger(json!({"query": {"name": "_serf_ping"}}))).unwrap_err();
+    assert!(err.contains("reserved"), "{err}");
+    let err = check(
+        &schema,
+        trigger(json!({"query": {"name": "q", "payload": "x".repeat(900)}})),
+    )
+    .unwrap_err();
+    assert!(err.contains("query limit"), "{err}");
+}

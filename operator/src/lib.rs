@@ -1,0 +1,1 @@
+//! serf-operator: the routing engine, the Job contract and local mode.
