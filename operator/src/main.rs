@@ -1,9 +1,13 @@
-//! The `serf-operator` command: `crds` writes the CRDs; more subcommands follow.
+//! The `serf-operator` command: `crds` writes the CRDs, `route` routes one event offline,
+//! `local` follows a live Serf agent without Kubernetes.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use serf_client::ClientConfig;
+use serf_operator::contract::SelfNode;
+use serf_operator::{local, manifests};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,27 +28,132 @@ enum Command {
         #[arg(long, default_value = serf_operator_crds::CHART_CRD_DIR)]
         out: PathBuf,
     },
+    /// Route one event through SerfHandler manifests and print, as YAML, the Jobs that would
+    /// be created, the query answers, and why routes did not act.
+    Route {
+        /// SerfHandler manifests: files or directories (other kinds are ignored).
+        #[arg(long = "handlers", required = true)]
+        handlers: Vec<PathBuf>,
+        /// The event: user:NAME, query:NAME, member-join, member-leave, member-failed,
+        /// member-update or member-reap.
+        #[arg(long)]
+        event: String,
+        /// The payload of a user event or query.
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// The Lamport time of a user event or query.
+        #[arg(long, default_value_t = 1)]
+        ltime: u64,
+        /// A member of a member event: NAME=ADDR[:PORT][,TAG=VALUE...]; repeat for several.
+        #[arg(long = "members")]
+        members: Vec<String>,
+        /// The operator node's name (SERF_SELF_NAME).
+        #[arg(long, default_value = "local")]
+        self_name: String,
+        /// The operator node's tags: role=web,dc=eu.
+        #[arg(long, default_value = "")]
+        self_tags: String,
+    },
+    /// Follow a live Serf agent: route every event through SerfHandler manifests, print the
+    /// results as YAML, and answer queries for `respond` routes.
+    Local {
+        /// SerfHandler manifests: files or directories (other kinds are ignored).
+        #[arg(long = "handlers", required = true)]
+        handlers: Vec<PathBuf>,
+        /// The agent's RPC address.
+        #[arg(long, env = "SERF_RPC_ADDR", default_value = serf_client::DEFAULT_RPC_ADDR)]
+        rpc_addr: String,
+        /// The agent's RPC auth key (never logged).
+        #[arg(long, env = "SERF_RPC_AUTH", hide_env_values = true)]
+        rpc_auth: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     match cli.command {
-        Command::Crds { out } => {
-            let files = serf_operator_crds::crd_files()?;
-            if out.as_os_str() == "-" {
-                for (_, yaml) in files {
-                    print!("---\n{yaml}");
-                }
-                return Ok(());
+        Command::Crds { out } => write_crds(out),
+        Command::Route {
+            handlers,
+            event,
+            payload,
+            ltime,
+            members,
+            self_name,
+            self_tags,
+        } => {
+            let handlers = manifests::load_handlers(&handlers)?;
+            let node = SelfNode {
+                name: self_name,
+                tags: local::parse_tags(&self_tags)?,
+            };
+            let event = local::event_from_args(&event, payload.as_bytes(), ltime, &members)?;
+            let (text, errors) = local::route_once(&handlers, &node, &event)?;
+            for e in errors {
+                eprintln!("warning: {e}");
             }
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            for (name, yaml) in files {
-                let path = out.join(name);
-                std::fs::write(&path, yaml)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("wrote {}", path.display());
-            }
+            print!("{text}");
             Ok(())
         }
+        Command::Local {
+            handlers,
+            rpc_addr,
+            rpc_auth,
+        } => {
+            let handlers = manifests::load_handlers(&handlers)?;
+            let mut client = ClientConfig::new(rpc_addr);
+            client.auth = rpc_auth.filter(|k| !k.is_empty());
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(local::run_local(
+                handlers,
+                client,
+                std::io::stdout(),
+                shutdown_signal(),
+            ))
+        }
     }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+fn write_crds(out: PathBuf) -> anyhow::Result<()> {
+    let files = serf_operator_crds::crd_files()?;
+    if out.as_os_str() == "-" {
+        for (_, yaml) in files {
+            print!("---\n{yaml}");
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    for (name, yaml) in files {
+        let path = out.join(name);
+        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }

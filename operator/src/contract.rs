@@ -1,0 +1,242 @@
+//! The Serf event-handler contract: the `SERF_*` environment and the stdin bytes that
+//! `serf agent -event-handler` gives a handler script, computed for one event.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serf_client::{Event, Member};
+
+/// The node the operator's Serf agent runs as: what handlers see as `SERF_SELF_*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SelfNode {
+    /// Node name (`SERF_SELF_NAME`).
+    pub name: String,
+    /// The node's tags; `role` is `SERF_SELF_ROLE`.
+    pub tags: BTreeMap<String, String>,
+}
+
+impl SelfNode {
+    /// The `role` tag, or `""`.
+    pub fn role(&self) -> &str {
+        self.tags.get("role").map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Serf's name for a tag's environment variable: `SERF_TAG_` and the tag name upper-cased,
+/// with every character outside `[A-Z0-9_]` replaced by `_` (`my-tag.x` → `SERF_TAG_MY_TAG_X`).
+pub fn tag_env_name(tag: &str) -> String {
+    let mut out = String::with_capacity(9 + tag.len());
+    out.push_str("SERF_TAG_");
+    for c in tag.chars() {
+        let c = c.to_ascii_uppercase();
+        out.push(if c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' {
+            c
+        } else {
+            '_'
+        });
+    }
+    out
+}
+
+/// The environment Serf gives a handler for `event` on `node`, in a stable order, plus
+/// `SERF_PAYLOAD` (and `SERF_PAYLOAD_BASE64` when the payload is not plain text) for user
+/// events and queries.
+///
+/// A payload is plain text when it is UTF-8 without NUL bytes (an environment variable
+/// cannot hold a NUL). Otherwise `SERF_PAYLOAD` carries it with invalid bytes replaced and
+/// `SERF_PAYLOAD_BASE64` carries the exact bytes.
+pub fn environment(event: &Event, node: &SelfNode) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("SERF_EVENT".to_string(), event.kind().to_string()),
+        ("SERF_SELF_NAME".to_string(), node.name.clone()),
+        ("SERF_SELF_ROLE".to_string(), node.role().to_string()),
+    ];
+    for (k, v) in &node.tags {
+        env.push((tag_env_name(k), v.clone()));
+    }
+    let payload = match event {
+        Event::User(u) => {
+            env.push(("SERF_USER_EVENT".into(), u.name.clone()));
+            env.push(("SERF_USER_LTIME".into(), u.ltime.to_string()));
+            Some(&u.payload)
+        }
+        Event::Query(q) => {
+            env.push(("SERF_QUERY_NAME".into(), q.name.clone()));
+            env.push(("SERF_QUERY_LTIME".into(), q.ltime.to_string()));
+            Some(&q.payload)
+        }
+        _ => None,
+    };
+    if let Some(p) = payload {
+        match plain_text(p) {
+            Some(text) => env.push(("SERF_PAYLOAD".into(), text.to_string())),
+            None => {
+                let lossy = String::from_utf8_lossy(p).replace('\0', "\u{fffd}");
+                env.push(("SERF_PAYLOAD".into(), lossy));
+                env.push((
+                    "SERF_PAYLOAD_BASE64".into(),
+                    base64::engine::general_purpose::STANDARD.encode(p),
+                ));
+            }
+        }
+    }
+    env
+}
+
+/// The payload as text, when it is UTF-8 without NUL bytes.
+pub fn plain_text(payload: &[u8]) -> Option<&str> {
+    std::str::from_utf8(payload)
+        .ok()
+        .filter(|s| !s.contains('\0'))
+}
+
+/// The exact bytes Serf pipes to a handler's stdin: the payload with a newline appended
+/// when it lacks one (nothing for an empty payload), or for member events one line per
+/// member: `NAME\tADDR\tROLE\tk=v,k=v`.
+pub fn stdin(event: &Event) -> Vec<u8> {
+    match event {
+        Event::User(u) => payload_stdin(&u.payload),
+        Event::Query(q) => payload_stdin(&q.payload),
+        Event::Member(m) => member_lines(&m.members),
+        _ => Vec::new(),
+    }
+}
+
+fn payload_stdin(payload: &[u8]) -> Vec<u8> {
+    let mut out = payload.to_vec();
+    if !out.is_empty() && !out.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Member lines as Serf writes them; tabs and newlines inside fields are escaped as `\t`
+/// and `\n`. Serf writes tags in random (Go map) order; these are sorted by name.
+pub fn member_lines<'a>(members: impl IntoIterator<Item = &'a Member>) -> Vec<u8> {
+    let mut out = String::new();
+    for m in members {
+        let tags: Vec<String> = m
+            .tags
+            .iter()
+            .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+            .collect();
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\n",
+            escape(&m.name),
+            m.addr,
+            escape(m.role()),
+            tags.join(",")
+        ));
+    }
+    out.into_bytes()
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\t', "\\t").replace('\n', "\\n")
+}
+
+/// Kubernetes' `$(VAR)` expansion, as for container args: `$(NAME)` becomes the value of
+/// `NAME` when it is defined and stays as written otherwise; `$$(NAME)` is a literal
+/// `$(NAME)`.
+pub fn expand(template: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if tail.starts_with("$$") {
+            out.push('$');
+            rest = &tail[2..];
+            continue;
+        }
+        if let Some(body) = tail.strip_prefix("$(")
+            && let Some(end) = body.find(')')
+        {
+            let name = &body[..end];
+            match vars.get(name) {
+                Some(v) => out.push_str(v),
+                None => out.push_str(&tail[..end + 3]),
+            }
+            rest = &body[end + 1..];
+            continue;
+        }
+        out.push('$');
+        rest = &tail[1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serf_client::{MemberEvent, MemberEventKind, MemberStatus, UserEvent};
+
+    #[test]
+    fn tag_names_follow_serf() {
+        assert_eq!(tag_env_name("my-tag.x"), "SERF_TAG_MY_TAG_X");
+        assert_eq!(tag_env_name("role"), "SERF_TAG_ROLE");
+        assert_eq!(tag_env_name("dc_2"), "SERF_TAG_DC_2");
+    }
+
+    #[test]
+    fn expansion_matches_kubernetes() {
+        let vars: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
+        assert_eq!(expand("x $(A) y", &vars), "x 1 y");
+        assert_eq!(expand("$(B)", &vars), "$(B)");
+        assert_eq!(expand("$$(A)", &vars), "$(A)");
+        assert_eq!(expand("$ $( $(A", &vars), "$ $( $(A");
+        assert_eq!(expand("$(A)$(A)", &vars), "11");
+        // A value containing $(..) is not expanded again.
+        let vars: BTreeMap<String, String> = [("A".to_string(), "$(A)".to_string())].into();
+        assert_eq!(expand("$(A)", &vars), "$(A)");
+    }
+
+    #[test]
+    fn stdin_for_payloads_and_members() {
+        let ev = Event::User(UserEvent {
+            ltime: 1,
+            name: "d".into(),
+            payload: b"payload".to_vec(),
+            coalesce: true,
+        });
+        assert_eq!(stdin(&ev), b"payload\n");
+        let member = Member {
+            name: "node\t3".into(),
+            addr: "127.0.0.1".parse().unwrap(),
+            port: 7946,
+            tags: [("role".to_string(), "db".to_string()), ("ver".to_string(), "2".to_string())].into(),
+            status: MemberStatus::Failed,
+            protocol_min: 0,
+            protocol_max: 0,
+            protocol_cur: 0,
+            delegate_min: 0,
+            delegate_max: 0,
+            delegate_cur: 0,
+        };
+        let ev = Event::Member(MemberEvent {
+            kind: MemberEventKind::Failed,
+            members: vec![member],
+        });
+        assert_eq!(stdin(&ev), b"node\\t3\t127.0.0.1\tdb\trole=db,ver=2\n");
+    }
+
+    #[test]
+    fn non_text_payload_gets_base64() {
+        let node = SelfNode {
+            name: "n".into(),
+            tags: [("role".to_string(), "web".to_string())].into(),
+        };
+        let ev = Event::User(UserEvent {
+            ltime: 7,
+            name: "blob".into(),
+            payload: vec![0xff, 0x00, b'a'],
+            coalesce: false,
+        });
+        let env: BTreeMap<_, _> = environment(&ev, &node).into_iter().collect();
+        assert_eq!(env["SERF_PAYLOAD_BASE64"], "/wBh");
+        assert_eq!(env["SERF_PAYLOAD"], "\u{fffd}\u{fffd}a");
+        assert_eq!(env["SERF_USER_LTIME"], "7");
+        assert_eq!(env["SERF_TAG_ROLE"], "web");
+    }
+}

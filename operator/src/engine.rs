@@ -1,0 +1,971 @@
+//! The routing engine: from handlers, the operator's own node, one Serf event and the active
+//! Jobs, to the actions to take (Jobs to create, query answers) or the reasons not to act.
+//! No I/O: time and the active Jobs come in as arguments, so the live operator, local mode,
+//! the `route` command and the tests share one engine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::batch::v1::{Job, JobTemplateSpec};
+use k8s_openapi::api::core::v1::Secret;
+use regex::Regex;
+use serf_client::{Event, EventFilter, FilterItem, Member, MemberEvent, MemberEventKind};
+use serf_operator_crds::{ConcurrencyPolicy, SerfHandler};
+use sha2::{Digest, Sha256};
+
+use crate::contract::{self, SelfNode};
+use crate::jobs::{self, HandlerRef, JobRequest};
+use crate::naming;
+
+/// Default history limits, as in the CRD docs.
+pub const DEFAULT_HISTORY_LIMIT: i32 = 3;
+
+/// Serf refuses query answers over 1024 encoded bytes; the engine refuses answers whose
+/// payload alone exceeds this, leaving room for the envelope.
+pub const MAX_ANSWER: usize = 1000;
+
+/// A route that cannot work, and why. Its handler's other routes still route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteError {
+    /// The handler.
+    pub handler: HandlerRef,
+    /// The route's name (`""` for a handler-wide problem such as a bad role regex).
+    pub route: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for RouteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.route.is_empty() {
+            write!(f, "SerfHandler {}: {}", self.handler, self.problem)
+        } else {
+            write!(
+                f,
+                "SerfHandler {} route {}: {}",
+                self.handler, self.route, self.problem
+            )
+        }
+    }
+}
+
+enum RouteAction {
+    Job(Box<JobTemplateSpec>),
+    Respond(String),
+}
+
+struct CompiledRoute {
+    name: String,
+    filter: EventFilter,
+    members: Vec<(String, Regex)>,
+    coalesce: Option<Duration>,
+    policy: ConcurrencyPolicy,
+    action: RouteAction,
+}
+
+struct CompiledHandler {
+    handler: HandlerRef,
+    role: Option<(String, Regex)>,
+    self_tags: Vec<(String, String, Regex)>,
+    routes: Vec<CompiledRoute>,
+    /// False when the handler-wide filters are broken: no route of it can run.
+    usable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum IndexKey {
+    All,
+    AnyUser,
+    User(String),
+    AnyQuery,
+    Query(String),
+    Member(MemberEventKind),
+}
+
+/// Handlers compiled for routing, with routes indexed by event type and name.
+pub struct Router {
+    handlers: Vec<CompiledHandler>,
+    index: HashMap<IndexKey, Vec<(usize, usize)>>,
+    errors: Vec<RouteError>,
+}
+
+/// Compiles an anchored regex, as `serf members -tag` anchors its filters.
+fn anchored(re: &str) -> Result<Regex, String> {
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("regex {re:?} does not compile: {e}"))
+}
+
+/// Parses a Go-style duration such as `10s`, `1m30s`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?} (examples: 10s, 1m30s, 500ms)");
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        let value: f64 = rest[..num_len].parse().map_err(|_| err())?;
+        rest = &rest[num_len..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (0.001, 2)
+        } else if rest.starts_with('s') {
+            (1.0, 1)
+        } else if rest.starts_with('m') {
+            (60.0, 1)
+        } else if rest.starts_with('h') {
+            (3600.0, 1)
+        } else {
+            return Err(err());
+        };
+        rest = &rest[len..];
+        total += Duration::try_from_secs_f64(value * unit).map_err(|_| err())?;
+    }
+    Ok(total)
+}
+
+impl Router {
+    /// Compiles handlers. Invalid routes are left out and listed in [`Router::errors`];
+    /// every valid route routes.
+    pub fn new(handlers: &[SerfHandler]) -> Router {
+        let mut out = Router {
+            handlers: Vec::new(),
+            index: HashMap::new(),
+            errors: Vec::new(),
+        };
+        let mut sorted: Vec<&SerfHandler> = handlers.iter().collect();
+        sorted.sort_by_key(|h| (h.metadata.namespace.clone(), h.metadata.name.clone()));
+        for h in sorted {
+            let compiled = out.compile(h);
+            let hi = out.handlers.len();
+            if compiled.usable {
+                for (ri, route) in compiled.routes.iter().enumerate() {
+                    for key in index_keys(&route.filter) {
+                        let slot = out.index.entry(key).or_default();
+                        if slot.last() != Some(&(hi, ri)) {
+                            slot.push((hi, ri));
+                        }
+                    }
+                }
+            }
+            out.handlers.push(compiled);
+        }
+        out
+    }
+
+    /// The routes that could not be compiled, with the reason.
+    pub fn errors(&self) -> &[RouteError] {
+        &self.errors
+    }
+
+    /// Number of routes that route.
+    pub fn route_count(&self) -> usize {
+        self.handlers
+            .iter()
+            .filter(|h| h.usable)
+            .map(|h| h.routes.len())
+            .sum()
+    }
+
+    fn compile(&mut self, h: &SerfHandler) -> CompiledHandler {
+        let handler = HandlerRef {
+            namespace: h.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: h.metadata.name.clone().unwrap_or_default(),
+            uid: h.metadata.uid.clone(),
+        };
+        let mut err = |route: &str, problem: String| {
+            self.errors.push(RouteError {
+                handler: handler.clone(),
+                route: route.to_string(),
+                problem,
+            })
+        };
+        let mut usable = true;
+        let role = match h.spec.role.as_deref() {
+            None => None,
+            Some(r) => match anchored(r) {
+                Ok(re) => Some((r.to_string(), re)),
+                Err(e) => {
+                    err("", format!("role: {e}"));
+                    usable = false;
+                    None
+                }
+            },
+        };
+        let mut self_tags = Vec::new();
+        for (k, v) in &h.spec.self_tags {
+            match anchored(v) {
+                Ok(re) => self_tags.push((k.clone(), v.clone(), re)),
+                Err(e) => {
+                    err("", format!("selfTags.{k}: {e}"));
+                    usable = false;
+                }
+            }
+        }
+        let mut routes: Vec<CompiledRoute> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for r in &h.spec.routes {
+            let name = r.name.clone();
+            if !seen.insert(name.clone()) {
+                err(&name, "duplicate route name; only the first route of that name routes".into());
+                continue;
+            }
+            if naming::dns_label(&name, 63) != name {
+                err(&name, "route name must be a DNS label (lower-case letters, digits and -)".into());
+                continue;
+            }
+            let filter = match EventFilter::parse(&r.on) {
+                Ok(f) => f,
+                Err(e) => {
+                    err(&name, format!("on: {e}"));
+                    continue;
+                }
+            };
+            let member_only = filter.items().iter().all(|i| {
+                matches!(i, FilterItem::AnyMember | FilterItem::Member(_))
+            });
+            let query_only = filter
+                .items()
+                .iter()
+                .all(|i| matches!(i, FilterItem::AnyQuery | FilterItem::Query(_)));
+            let mut members = Vec::new();
+            let mut bad = None;
+            for (k, v) in r.members.iter().flatten() {
+                match anchored(v) {
+                    Ok(re) => members.push((k.clone(), re)),
+                    Err(e) => bad = Some(format!("members.{k}: {e}")),
+                }
+            }
+            if let Some(b) = bad {
+                err(&name, b);
+                continue;
+            }
+            if r.members.is_some() && !member_only {
+                err(&name, "members filters apply to member events only; `on` must list only member events".into());
+                continue;
+            }
+            let coalesce = match r.coalesce.as_deref().map(parse_duration).transpose() {
+                Ok(c) => c,
+                Err(e) => {
+                    err(&name, format!("coalesce: {e}"));
+                    continue;
+                }
+            };
+            if coalesce.is_some() && !member_only {
+                err(&name, "coalesce applies to member events only; `on` must list only member events".into());
+                continue;
+            }
+            let action = match (&r.job, &r.respond) {
+                (Some(t), None) => match t.decode() {
+                    Ok(spec) if spec.spec.as_ref().and_then(|s| s.template.spec.as_ref()).is_some_and(|p| !p.containers.is_empty()) => {
+                        RouteAction::Job(Box::new(spec))
+                    }
+                    Ok(_) => {
+                        err(&name, "job: the template has no spec.template.spec.containers".into());
+                        continue;
+                    }
+                    Err(e) => {
+                        err(&name, format!("job: not a valid JobTemplateSpec: {e}"));
+                        continue;
+                    }
+                },
+                (None, Some(resp)) => {
+                    if !query_only {
+                        err(&name, "respond answers queries only; `on` must list only query or query:NAME".into());
+                        continue;
+                    }
+                    RouteAction::Respond(resp.payload.clone())
+                }
+                _ => {
+                    err(&name, "a route needs exactly one action: job or respond".into());
+                    continue;
+                }
+            };
+            routes.push(CompiledRoute {
+                name,
+                filter,
+                members,
+                coalesce,
+                policy: r.concurrency_policy.unwrap_or_default(),
+                action,
+            });
+        }
+        CompiledHandler {
+            handler,
+            role,
+            self_tags,
+            routes,
+            usable,
+        }
+    }
+
+    /// The routes whose filter takes an event of `kind` named `name`, in handler order,
+    /// found through the index (not by scanning every route).
+    fn candidates(&self, kind: &str, name: &str) -> Vec<(usize, usize)> {
+        let mut keys = vec![IndexKey::All];
+        match kind {
+            "user" => keys.extend([IndexKey::AnyUser, IndexKey::User(name.to_string())]),
+            "query" => keys.extend([IndexKey::AnyQuery, IndexKey::Query(name.to_string())]),
+            k => keys.extend(MemberEventKind::parse(k).map(IndexKey::Member)),
+        }
+        let mut out: Vec<(usize, usize)> = keys
+            .iter()
+            .filter_map(|k| self.index.get(k))
+            .flatten()
+            .copied()
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+fn index_keys(filter: &EventFilter) -> Vec<IndexKey> {
+    let mut keys = Vec::new();
+    for item in filter.items() {
+        match item {
+            FilterItem::All => keys.push(IndexKey::All),
+            FilterItem::AnyUser => keys.push(IndexKey::AnyUser),
+            FilterItem::User(n) => keys.push(IndexKey::User(n.clone())),
+            FilterItem::AnyQuery => keys.push(IndexKey::AnyQuery),
+            FilterItem::Query(n) => keys.push(IndexKey::Query(n.clone())),
+            FilterItem::AnyMember => {
+                keys.extend(MemberEventKind::ALL.into_iter().map(IndexKey::Member))
+            }
+            FilterItem::Member(k) => keys.push(IndexKey::Member(*k)),
+        }
+    }
+    keys
+}
+
+/// Why a route did not act on an event that its filter takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SkipReason {
+    /// The operator node's role does not match the handler's `role`.
+    RoleMismatch,
+    /// The operator node's tags do not match the handler's `selfTags`.
+    SelfTagsMismatch,
+    /// No member of the member event matches the route's `members` filters.
+    MembersFiltered,
+    /// A Job of the route is active and the policy is Forbid.
+    ConcurrencyForbid,
+    /// Another route already answered this query (Serf takes one answer per node).
+    AlreadyAnswered,
+    /// The expanded answer is over Serf's response limit.
+    ResponseTooLarge,
+}
+
+impl SkipReason {
+    /// The reason as it appears in status, Events and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::RoleMismatch => "RoleMismatch",
+            SkipReason::SelfTagsMismatch => "SelfTagsMismatch",
+            SkipReason::MembersFiltered => "MembersFiltered",
+            SkipReason::ConcurrencyForbid => "ConcurrencyForbid",
+            SkipReason::AlreadyAnswered => "AlreadyAnswered",
+            SkipReason::ResponseTooLarge => "ResponseTooLarge",
+        }
+    }
+
+    /// The dropped-events metric label this reason counts under.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            SkipReason::ConcurrencyForbid => "concurrency",
+            _ => "filtered",
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A Job to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// The handler.
+    pub handler: HandlerRef,
+    /// The route.
+    pub route: String,
+    /// The Job, with its deterministic name.
+    pub job: Job,
+    /// The Secret holding `/serf/stdin` (same name; to be owned by the Job).
+    pub stdin: Secret,
+    /// Active Jobs to delete first (concurrency policy Replace).
+    pub replace: Vec<String>,
+}
+
+/// What to do, or why not, for one route.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum Action {
+    /// Create a Job.
+    Launch(Box<Launch>),
+    /// Answer the query (with `respond`, on the connection that received it).
+    Answer {
+        /// The handler.
+        handler: HandlerRef,
+        /// The route.
+        route: String,
+        /// The query's connection-local ID.
+        query_id: u64,
+        /// The answer.
+        payload: Vec<u8>,
+    },
+    /// The route takes the event but does not act on it.
+    Skip {
+        /// The handler.
+        handler: HandlerRef,
+        /// The route.
+        route: String,
+        /// Why.
+        reason: SkipReason,
+        /// Details.
+        message: String,
+    },
+    /// A member event was added to the route's coalescing window; the Job comes from
+    /// [`Engine::flush`] at `until`.
+    Deferred {
+        /// The handler.
+        handler: HandlerRef,
+        /// The route.
+        route: String,
+        /// When the window closes.
+        until: SystemTime,
+    },
+}
+
+impl Action {
+    /// The handler and route the action belongs to.
+    pub fn route(&self) -> (&HandlerRef, &str) {
+        match self {
+            Action::Launch(l) => (&l.handler, &l.route),
+            Action::Answer { handler, route, .. }
+            | Action::Skip { handler, route, .. }
+            | Action::Deferred { handler, route, .. } => (handler, route),
+        }
+    }
+}
+
+/// Everything the engine decided for one event.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcome {
+    /// The event, e.g. `user:deploy@42`.
+    pub event: String,
+    /// One entry per route that took the event. Empty: no route takes this event.
+    pub actions: Vec<Action>,
+}
+
+/// The Jobs currently active (not finished), by handler and route.
+pub trait ActiveJobs {
+    /// Names of the active Jobs of `route` of `handler`.
+    fn active(&self, handler: &HandlerRef, route: &str) -> Vec<String>;
+}
+
+/// No Job is active.
+pub struct NoActiveJobs;
+
+impl ActiveJobs for NoActiveJobs {
+    fn active(&self, _: &HandlerRef, _: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl ActiveJobs for BTreeMap<(String, String, String), Vec<String>> {
+    fn active(&self, handler: &HandlerRef, route: &str) -> Vec<String> {
+        self.get(&(
+            handler.namespace.clone(),
+            handler.name.clone(),
+            route.to_string(),
+        ))
+        .cloned()
+        .unwrap_or_default()
+    }
+}
+
+/// What the engine knows about one member: its last state and how many times the state
+/// changed. The count tells a flap (failed, alive, failed) from a duplicate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemberRecord {
+    /// `alive`, `failed`, `left`, `leaving`, or `reaped` after member-reap.
+    pub status: String,
+    /// The member's tags at that time.
+    pub tags: BTreeMap<String, String>,
+    /// Number of state changes seen, from 1.
+    pub version: u64,
+}
+
+/// The membership the engine last acted on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Membership {
+    /// By node name.
+    pub members: BTreeMap<String, MemberRecord>,
+}
+
+impl Membership {
+    /// Records a member's new state from a member event and returns its version: unchanged
+    /// for a duplicate, one higher for a real change.
+    pub fn observe(&mut self, kind: MemberEventKind, m: &Member) -> u64 {
+        let status = if kind == MemberEventKind::Reap {
+            "reaped".to_string()
+        } else {
+            m.status.as_str().to_string()
+        };
+        match self.members.get_mut(&m.name) {
+            Some(r) if r.status == status && r.tags == m.tags => r.version,
+            Some(r) => {
+                r.version += 1;
+                r.status = status;
+                r.tags = m.tags.clone();
+                r.version
+            }
+            None => {
+                self.members.insert(
+                    m.name.clone(),
+                    MemberRecord {
+                        status,
+                        tags: m.tags.clone(),
+                        version: 1,
+                    },
+                );
+                1
+            }
+        }
+    }
+}
+
+/// Per-event context that is not part of the event.
+pub struct Context<'a> {
+    /// The operator's own Serf node.
+    pub node: &'a SelfNode,
+    /// The operator pod's name and namespace, for `$(POD_NAME)` and `$(POD_NAMESPACE)` in
+    /// answers.
+    pub pod: (&'a str, &'a str),
+    /// Active Jobs.
+    pub active: &'a dyn ActiveJobs,
+    /// Now.
+    pub now: SystemTime,
+    /// The event was recovered after a reconnect.
+    pub replayed: bool,
+}
+
+struct Batch {
+    handler: HandlerRef,
+    route: String,
+    kind: MemberEventKind,
+    members: BTreeMap<String, (Member, u64)>,
+    until: SystemTime,
+    replayed: bool,
+}
+
+/// The router plus the state routing needs over time: the membership ledger and the open
+/// coalescing windows.
+pub struct Engine {
+    router: Router,
+    membership: Membership,
+    batches: BTreeMap<(HandlerRef, String, MemberEventKind), Batch>,
+}
+
+impl Engine {
+    /// An engine for `handlers`, starting from `membership`.
+    pub fn new(handlers: &[SerfHandler], membership: Membership) -> Engine {
+        Engine {
+            router: Router::new(handlers),
+            membership,
+            batches: BTreeMap::new(),
+        }
+    }
+
+    /// Replaces the handlers (open coalescing windows of removed routes are dropped).
+    pub fn set_handlers(&mut self, handlers: &[SerfHandler]) {
+        self.router = Router::new(handlers);
+    }
+
+    /// The compiled handlers.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The membership last acted on.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// When the earliest coalescing window closes.
+    pub fn next_deadline(&self) -> Option<SystemTime> {
+        self.batches.values().map(|b| b.until).min()
+    }
+
+    /// Routes one event.
+    pub fn route(&mut self, event: &Event, ctx: &Context<'_>) -> Outcome {
+        let (name, description) = describe(event);
+        let versions: BTreeMap<String, u64> = match event {
+            Event::Member(m) => m
+                .members
+                .iter()
+                .map(|mem| (mem.name.clone(), self.membership.observe(m.kind, mem)))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        let mut outcome = Outcome {
+            event: description.clone(),
+            actions: Vec::new(),
+        };
+        let mut answered = false;
+        let mut first_job: Option<String> = None;
+        let candidates = self.router.candidates(event.kind(), &name);
+        for (hi, ri) in candidates {
+            let h = &self.router.handlers[hi];
+            let r = &h.routes[ri];
+            let skip = |reason: SkipReason, message: String| Action::Skip {
+                handler: h.handler.clone(),
+                route: r.name.clone(),
+                reason,
+                message,
+            };
+            if let Some((src, re)) = &h.role
+                && !re.is_match(ctx.node.role())
+            {
+                outcome.actions.push(skip(
+                    SkipReason::RoleMismatch,
+                    format!(
+                        "this node ({}) has role {:?}; the handler wants {src:?}",
+                        ctx.node.name,
+                        ctx.node.role()
+                    ),
+                ));
+                continue;
+            }
+            if let Some((k, src, _)) = h.self_tags.iter().find(|(k, _, re)| {
+                !ctx.node.tags.get(k).is_some_and(|v| re.is_match(v))
+            }) {
+                outcome.actions.push(skip(
+                    SkipReason::SelfTagsMismatch,
+                    format!(
+                        "this node's tag {k} is {:?}; the handler wants {src:?}",
+                        ctx.node.tags.get(k)
+                    ),
+                ));
+                continue;
+            }
+            // Member events: only the members the route's filters select.
+            let event_for_route = match event {
+                Event::Member(m) if !r.members.is_empty() => {
+                    let selected: Vec<Member> = m
+                        .members
+                        .iter()
+                        .filter(|mem| {
+                            r.members
+                                .iter()
+                                .all(|(k, re)| mem.tags.get(k).is_some_and(|v| re.is_match(v)))
+                        })
+                        .cloned()
+                        .collect();
+                    if selected.is_empty() {
+                        outcome.actions.push(skip(
+                            SkipReason::MembersFiltered,
+                            "no member of the event matches the route's members filters".into(),
+                        ));
+                        continue;
+                    }
+                    Event::Member(MemberEvent {
+                        kind: m.kind,
+                        members: selected,
+                    })
+                }
+                other => other.clone(),
+            };
+            if let (Event::Member(m), Some(window)) = (&event_for_route, r.coalesce) {
+                let key = (h.handler.clone(), r.name.clone(), m.kind);
+                let batch = self.batches.entry(key).or_insert_with(|| Batch {
+                    handler: h.handler.clone(),
+                    route: r.name.clone(),
+                    kind: m.kind,
+                    members: BTreeMap::new(),
+                    until: ctx.now + window,
+                    replayed: false,
+                });
+                batch.replayed |= ctx.replayed;
+                for mem in &m.members {
+                    let v = versions.get(&mem.name).copied().unwrap_or(0);
+                    batch.members.insert(mem.name.clone(), (mem.clone(), v));
+                }
+                outcome.actions.push(Action::Deferred {
+                    handler: h.handler.clone(),
+                    route: r.name.clone(),
+                    until: batch.until,
+                });
+                continue;
+            }
+            match &r.action {
+                RouteAction::Respond(template) => {
+                    let Event::Query(q) = &event_for_route else {
+                        continue;
+                    };
+                    if answered {
+                        outcome.actions.push(skip(
+                            SkipReason::AlreadyAnswered,
+                            "an earlier route already answered this query".into(),
+                        ));
+                        continue;
+                    }
+                    let mut vars: BTreeMap<String, String> =
+                        contract::environment(&event_for_route, ctx.node)
+                            .into_iter()
+                            .collect();
+                    vars.insert("POD_NAME".into(), ctx.pod.0.to_string());
+                    vars.insert("POD_NAMESPACE".into(), ctx.pod.1.to_string());
+                    let payload = contract::expand(template, &vars).into_bytes();
+                    if payload.len() > MAX_ANSWER {
+                        outcome.actions.push(skip(
+                            SkipReason::ResponseTooLarge,
+                            format!(
+                                "the answer is {} bytes; Serf accepts about {MAX_ANSWER}",
+                                payload.len()
+                            ),
+                        ));
+                        continue;
+                    }
+                    answered = true;
+                    outcome.actions.push(Action::Answer {
+                        handler: h.handler.clone(),
+                        route: r.name.clone(),
+                        query_id: q.id,
+                        payload,
+                    });
+                }
+                RouteAction::Job(template) => {
+                    let key = event_key(&event_for_route, &versions);
+                    let key_refs: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
+                    let job_name = naming::job_name(&h.handler.name, &r.name, &key_refs);
+                    let active = ctx.active.active(&h.handler, &r.name);
+                    let active: Vec<String> =
+                        active.into_iter().filter(|n| *n != job_name).collect();
+                    let replace = match r.policy {
+                        ConcurrencyPolicy::Forbid if !active.is_empty() => {
+                            outcome.actions.push(skip(
+                                SkipReason::ConcurrencyForbid,
+                                format!("Job {} is still active", active.join(", ")),
+                            ));
+                            continue;
+                        }
+                        ConcurrencyPolicy::Replace => active,
+                        _ => Vec::new(),
+                    };
+                    let launch = build_launch(
+                        &h.handler,
+                        &r.name,
+                        template,
+                        job_name.clone(),
+                        &event_for_route,
+                        ctx,
+                        &description,
+                        ctx.replayed,
+                        replace,
+                    );
+                    first_job.get_or_insert(job_name);
+                    outcome.actions.push(Action::Launch(Box::new(launch)));
+                }
+            }
+        }
+        // A query that only job routes take is answered with the Job's name at once.
+        if let (Event::Query(q), false, Some(job)) = (event, answered, first_job)
+            && let Some(Action::Launch(l)) =
+                outcome.actions.iter().find(|a| matches!(a, Action::Launch(_)))
+        {
+            let handler = l.handler.clone();
+            let route = l.route.clone();
+            outcome.actions.push(Action::Answer {
+                payload: format!("{}/{job}", handler.namespace).into_bytes(),
+                handler,
+                route,
+                query_id: q.id,
+            });
+        }
+        outcome
+    }
+
+    /// Closes the coalescing windows that end at or before `now` and returns their Jobs.
+    pub fn flush(&mut self, ctx: &Context<'_>) -> Vec<Outcome> {
+        let due: Vec<_> = self
+            .batches
+            .iter()
+            .filter(|(_, b)| b.until <= ctx.now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for key in due {
+            let Some(batch) = self.batches.remove(&key) else {
+                continue;
+            };
+            let Some((hi, ri)) = self.find(&batch.handler, &batch.route) else {
+                continue;
+            };
+            let h = &self.router.handlers[hi];
+            let r = &h.routes[ri];
+            let RouteAction::Job(template) = &r.action else {
+                continue;
+            };
+            let versions: BTreeMap<String, u64> = batch
+                .members
+                .iter()
+                .map(|(n, (_, v))| (n.clone(), *v))
+                .collect();
+            let event = Event::Member(MemberEvent {
+                kind: batch.kind,
+                members: batch.members.into_values().map(|(m, _)| m).collect(),
+            });
+            let (_, description) = describe(&event);
+            let key = event_key(&event, &versions);
+            let key_refs: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
+            let job_name = naming::job_name(&h.handler.name, &r.name, &key_refs);
+            let active: Vec<String> = ctx
+                .active
+                .active(&h.handler, &r.name)
+                .into_iter()
+                .filter(|n| *n != job_name)
+                .collect();
+            let action = match r.policy {
+                ConcurrencyPolicy::Forbid if !active.is_empty() => Action::Skip {
+                    handler: h.handler.clone(),
+                    route: r.name.clone(),
+                    reason: SkipReason::ConcurrencyForbid,
+                    message: format!("Job {} is still active", active.join(", ")),
+                },
+                policy => Action::Launch(Box::new(build_launch(
+                    &h.handler,
+                    &r.name,
+                    template,
+                    job_name,
+                    &event,
+                    ctx,
+                    &description,
+                    batch.replayed,
+                    if policy == ConcurrencyPolicy::Replace {
+                        active
+                    } else {
+                        Vec::new()
+                    },
+                ))),
+            };
+            out.push(Outcome {
+                event: description,
+                actions: vec![action],
+            });
+        }
+        out
+    }
+
+    fn find(&self, handler: &HandlerRef, route: &str) -> Option<(usize, usize)> {
+        let hi = self.router.handlers.iter().position(|h| {
+            h.usable && h.handler.namespace == handler.namespace && h.handler.name == handler.name
+        })?;
+        let ri = self.router.handlers[hi]
+            .routes
+            .iter()
+            .position(|r| r.name == route)?;
+        Some((hi, ri))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_launch(
+    handler: &HandlerRef,
+    route: &str,
+    template: &JobTemplateSpec,
+    name: String,
+    event: &Event,
+    ctx: &Context<'_>,
+    description: &str,
+    replayed: bool,
+    replace: Vec<String>,
+) -> Launch {
+    let env = contract::environment(event, ctx.node);
+    let event_name = match event {
+        Event::User(u) => Some(u.name.as_str()),
+        Event::Query(q) => Some(q.name.as_str()),
+        _ => None,
+    };
+    let (job, stdin) = jobs::build(&JobRequest {
+        handler,
+        route,
+        template,
+        name,
+        env: &env,
+        stdin: contract::stdin(event),
+        event_kind: event.kind(),
+        event_name,
+        event_description: description,
+        replayed,
+    });
+    Launch {
+        handler: handler.clone(),
+        route: route.to_string(),
+        job,
+        stdin,
+        replace,
+    }
+}
+
+/// The event's name (user event or query; empty otherwise) and a short description:
+/// `user:deploy@42`, `query:where@3`, `member-failed:db-1,db-2`.
+pub fn describe(event: &Event) -> (String, String) {
+    match event {
+        Event::User(u) => (u.name.clone(), format!("user:{}@{}", u.name, u.ltime)),
+        Event::Query(q) => (q.name.clone(), format!("query:{}@{}", q.name, q.ltime)),
+        Event::Member(m) => {
+            let names: Vec<&str> = m.members.iter().map(|x| x.name.as_str()).collect();
+            (String::new(), format!("{}:{}", m.kind, names.join(",")))
+        }
+        other => (String::new(), other.kind().to_string()),
+    }
+}
+
+/// The identity of an event for Job naming: what Serf itself dedupes user events by (name,
+/// Lamport time, payload), queries by name, Lamport time and payload, and member events by
+/// type and, for each member, its name, status and state-change count (so that a flap gets
+/// a new Job and a duplicate does not).
+pub fn event_key(event: &Event, versions: &BTreeMap<String, u64>) -> Vec<Vec<u8>> {
+    let digest = |p: &[u8]| Sha256::digest(p).to_vec();
+    match event {
+        Event::User(u) => vec![
+            b"user".to_vec(),
+            u.name.as_bytes().to_vec(),
+            u.ltime.to_string().into_bytes(),
+            digest(&u.payload),
+        ],
+        Event::Query(q) => vec![
+            b"query".to_vec(),
+            q.name.as_bytes().to_vec(),
+            q.ltime.to_string().into_bytes(),
+            digest(&q.payload),
+        ],
+        Event::Member(m) => {
+            let mut key = vec![m.kind.as_str().as_bytes().to_vec()];
+            let mut members: Vec<&Member> = m.members.iter().collect();
+            members.sort_by(|a, b| a.name.cmp(&b.name));
+            for mem in members {
+                key.push(mem.name.as_bytes().to_vec());
+                key.push(mem.status.as_str().as_bytes().to_vec());
+                key.push(
+                    versions
+                        .get(&mem.name)
+                        .copied()
+                        .unwrap_or(0)
+                        .to_string()
+                        .into_bytes(),
+                );
+            }
+            key
+        }
+        other => vec![other.kind().as_bytes().to_vec()],
+    }
+}

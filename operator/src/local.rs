@@ -1,0 +1,377 @@
+//! Local mode: routing without Kubernetes. `route` routes one event given on the command
+//! line; `local` follows a live Serf agent. Both print, as YAML, the Jobs that would be
+//! created, the query answers, and why routes did not act.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serf_client::{
+    ClientConfig, Event, Member, MemberEvent, MemberEventKind, MemberStatus, QueryEvent,
+    Subscription, SubscriptionConfig, SubscriptionItem, UserEvent,
+};
+use serf_operator_crds::SerfHandler;
+
+use crate::contract::SelfNode;
+use crate::engine::{Action, Context, Engine, Membership, NoActiveJobs, Outcome};
+
+/// Errors of the command-line event description.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct EventSpecError(String);
+
+/// Builds the event for `serf-operator route`: `user:NAME`, `query:NAME`, or a member event
+/// type with members given as `NAME=ADDR[:PORT][,TAG=VALUE...]`.
+///
+/// # Errors
+/// An unknown event type, a missing name, or a member that does not parse.
+pub fn event_from_args(
+    event: &str,
+    payload: &[u8],
+    ltime: u64,
+    members: &[String],
+) -> Result<Event, EventSpecError> {
+    if let Some(name) = event.strip_prefix("user:") {
+        return Ok(Event::User(UserEvent {
+            ltime,
+            name: name.to_string(),
+            payload: payload.to_vec(),
+            coalesce: false,
+        }));
+    }
+    if let Some(name) = event.strip_prefix("query:") {
+        return Ok(Event::Query(QueryEvent {
+            id: 1,
+            ltime,
+            name: name.to_string(),
+            payload: payload.to_vec(),
+        }));
+    }
+    let Some(kind) = MemberEventKind::parse(event) else {
+        return Err(EventSpecError(format!(
+            "unknown event {event:?}: use user:NAME, query:NAME, member-join, member-leave, \
+             member-failed, member-update or member-reap"
+        )));
+    };
+    if members.is_empty() {
+        return Err(EventSpecError(format!(
+            "{event} needs at least one --members NAME=ADDR[,TAG=VALUE...]"
+        )));
+    }
+    let status = match kind {
+        MemberEventKind::Join | MemberEventKind::Update => MemberStatus::Alive,
+        MemberEventKind::Failed => MemberStatus::Failed,
+        MemberEventKind::Leave | MemberEventKind::Reap => MemberStatus::Left,
+    };
+    let members = members
+        .iter()
+        .map(|spec| parse_member(spec, status.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Event::Member(MemberEvent { kind, members }))
+}
+
+fn parse_member(spec: &str, status: MemberStatus) -> Result<Member, EventSpecError> {
+    let bad = |why: &str| EventSpecError(format!("--members {spec:?}: {why}"));
+    let mut parts = spec.split(',');
+    let first = parts.next().unwrap_or_default();
+    let (name, addr) = first
+        .split_once('=')
+        .ok_or_else(|| bad("expected NAME=ADDR first"))?;
+    if name.is_empty() {
+        return Err(bad("empty member name"));
+    }
+    let (ip, port) = match addr.rsplit_once(':') {
+        Some((ip, port)) if !ip.contains(':') || ip.starts_with('[') => (
+            ip.trim_matches(['[', ']']),
+            port.parse::<u16>().map_err(|_| bad("invalid port"))?,
+        ),
+        _ => (addr, 7946),
+    };
+    let addr: IpAddr = ip.parse().map_err(|_| bad("invalid IP address"))?;
+    let mut tags = BTreeMap::new();
+    for kv in parts {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| bad("tags must be TAG=VALUE"))?;
+        tags.insert(k.to_string(), v.to_string());
+    }
+    Ok(Member {
+        name: name.to_string(),
+        addr,
+        port,
+        tags,
+        status,
+        protocol_min: 0,
+        protocol_max: 0,
+        protocol_cur: 0,
+        delegate_min: 0,
+        delegate_max: 0,
+        delegate_cur: 0,
+    })
+}
+
+/// Parses `k=v,k=v`.
+///
+/// # Errors
+/// An item without `=`.
+pub fn parse_tags(s: &str) -> Result<BTreeMap<String, String>, EventSpecError> {
+    s.split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| EventSpecError(format!("tag {kv:?}: expected TAG=VALUE")))
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary {
+    event: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    results: Vec<ResultLine>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultLine {
+    handler: String,
+    route: String,
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    answer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    replaces: Vec<String>,
+}
+
+/// Renders an outcome as YAML documents: a summary of every route's result, then each Job
+/// and its stdin Secret.
+///
+/// # Errors
+/// A YAML encoding error.
+pub fn render(outcome: &Outcome) -> Result<String, serde_yaml::Error> {
+    let mut results = Vec::new();
+    let mut docs = Vec::new();
+    for a in &outcome.actions {
+        let (handler, route) = a.route();
+        let mut line = ResultLine {
+            handler: handler.to_string(),
+            route: route.to_string(),
+            action: "",
+            job: None,
+            answer: None,
+            reason: None,
+            message: None,
+            replaces: Vec::new(),
+        };
+        match a {
+            Action::Launch(l) => {
+                line.action = "createJob";
+                line.job = l.job.metadata.name.clone();
+                line.replaces = l.replace.clone();
+                docs.push(serde_yaml::to_string(&l.job)?);
+                docs.push(serde_yaml::to_string(&l.stdin)?);
+            }
+            Action::Answer { payload, .. } => {
+                line.action = "answer";
+                line.answer = Some(String::from_utf8_lossy(payload).into_owned());
+            }
+            Action::Skip {
+                reason, message, ..
+            } => {
+                line.action = "skip";
+                line.reason = Some(reason.to_string());
+                line.message = Some(message.clone());
+            }
+            Action::Deferred { until, .. } => {
+                line.action = "coalesce";
+                line.message = Some(format!(
+                    "added to the coalescing window that closes at {}",
+                    rfc3339(*until)
+                ));
+            }
+        }
+        results.push(line);
+    }
+    let summary = Summary {
+        event: outcome.event.clone(),
+        message: outcome
+            .actions
+            .is_empty()
+            .then(|| format!("no route of any handler takes {}", outcome.event)),
+        results,
+    };
+    let mut out = format!("---\n{}", serde_yaml::to_string(&summary)?);
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&d);
+    }
+    Ok(out)
+}
+
+/// Formats a time as RFC 3339 (UTC, seconds).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    jiff::Timestamp::from_second(secs)
+        .map(|ts| ts.to_string())
+        .unwrap_or_default()
+}
+
+/// Routes one event and returns the rendered YAML, with the route errors of the handlers.
+///
+/// # Errors
+/// A YAML encoding error.
+pub fn route_once(
+    handlers: &[SerfHandler],
+    node: &SelfNode,
+    event: &Event,
+) -> Result<(String, Vec<String>), serde_yaml::Error> {
+    let mut engine = Engine::new(handlers, Membership::default());
+    let errors = engine
+        .router()
+        .errors()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let (pod, ns) = pod_identity();
+    let ctx = Context {
+        node,
+        pod: (&pod, &ns),
+        active: &NoActiveJobs,
+        now: SystemTime::now(),
+        replayed: false,
+    };
+    let mut text = render(&engine.route(event, &ctx))?;
+    // Coalesced routes: show the Job the window would produce.
+    let later = Context {
+        now: engine.next_deadline().unwrap_or(ctx.now),
+        ..ctx
+    };
+    for o in engine.flush(&later) {
+        text.push_str(&render(&o)?);
+    }
+    Ok((text, errors))
+}
+
+/// `POD_NAME` and `POD_NAMESPACE` from the environment (empty when unset).
+pub fn pod_identity() -> (String, String) {
+    (
+        std::env::var("POD_NAME").unwrap_or_default(),
+        std::env::var("POD_NAMESPACE").unwrap_or_default(),
+    )
+}
+
+/// Follows a live agent: routes every event, prints the results as YAML to `out`, and
+/// answers queries for `respond` routes on the connection that received them. Runs until
+/// `shutdown` resolves.
+///
+/// # Errors
+/// An invalid configuration; connection problems are retried, not returned.
+pub async fn run_local(
+    handlers: Vec<SerfHandler>,
+    client: ClientConfig,
+    mut out: impl Write,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut engine = Engine::new(&handlers, Membership::default());
+    for e in engine.router().errors() {
+        tracing::warn!("{e}");
+    }
+    let mut sub = Subscription::start(SubscriptionConfig::new(client, "*"))?;
+    let mut current: Option<serf_client::Client> = None;
+    let mut node = SelfNode::default();
+    let (pod, ns) = pod_identity();
+    tokio::pin!(shutdown);
+    loop {
+        let deadline = engine.next_deadline();
+        let sleep = async {
+            match deadline.and_then(|d| d.duration_since(SystemTime::now()).ok()) {
+                Some(d) => tokio::time::sleep(d).await,
+                None if deadline.is_some() => {}
+                None => std::future::pending().await,
+            }
+        };
+        let item = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = sleep => {
+                let ctx = Context { node: &node, pod: (&pod, &ns), active: &NoActiveJobs, now: SystemTime::now(), replayed: false };
+                for o in engine.flush(&ctx) {
+                    out.write_all(render(&o)?.as_bytes())?;
+                }
+                out.flush()?;
+                continue;
+            }
+            item = sub.next() => item,
+        };
+        let Some(item) = item else {
+            return Ok(());
+        };
+        match item {
+            SubscriptionItem::Connected { client, epoch } => {
+                node = self_node(&client).await.unwrap_or_default();
+                tracing::info!(epoch, node = %node.name, role = node.role(), "following the serf agent");
+                current = Some(client);
+            }
+            SubscriptionItem::Event(ev) => {
+                let ctx = Context {
+                    node: &node,
+                    pod: (&pod, &ns),
+                    active: &NoActiveJobs,
+                    now: SystemTime::now(),
+                    replayed: false,
+                };
+                let outcome = engine.route(&ev, &ctx);
+                for a in &outcome.actions {
+                    if let (Action::Answer { query_id, payload, .. }, Some(c)) = (a, &current) {
+                        if let Err(e) = c.respond(*query_id, payload).await {
+                            tracing::warn!(error = %e, "cannot answer query");
+                        }
+                    }
+                }
+                out.write_all(render(&outcome)?.as_bytes())?;
+                out.flush()?;
+            }
+            SubscriptionItem::Disconnected { error } => {
+                tracing::warn!(%error, "serf agent connection lost; reconnecting");
+                current = None;
+            }
+            SubscriptionItem::Lagged { missed } => {
+                tracing::warn!(missed, "events dropped: the router fell behind");
+            }
+            SubscriptionItem::Undecodable(e) => tracing::warn!(error = %e, "undecodable event"),
+            _ => {}
+        }
+    }
+}
+
+/// The agent's own name and tags, from `stats`.
+///
+/// # Errors
+/// The `stats` call failing.
+pub async fn self_node(client: &serf_client::Client) -> serf_client::Result<SelfNode> {
+    let stats = client.stats().await?;
+    Ok(SelfNode {
+        name: stats
+            .get("agent")
+            .and_then(|a| a.get("name"))
+            .cloned()
+            .unwrap_or_default(),
+        tags: stats
+            .get("tags")
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default(),
+    })
+}
