@@ -29,11 +29,13 @@ pub fn tag_env_name(tag: &str) -> String {
     out.push_str("SERF_TAG_");
     for c in tag.chars() {
         let c = c.to_ascii_uppercase();
-        out.push(if c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' {
-            c
-        } else {
-            '_'
-        });
+        out.push(
+            if c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' {
+                c
+            } else {
+                '_'
+            },
+        );
     }
     out
 }
@@ -205,7 +207,11 @@ mod tests {
             name: "node\t3".into(),
             addr: "127.0.0.1".parse().unwrap(),
             port: 7946,
-            tags: [("role".to_string(), "db".to_string()), ("ver".to_string(), "2".to_string())].into(),
+            tags: [
+                ("role".to_string(), "db".to_string()),
+                ("ver".to_string(), "2".to_string()),
+            ]
+            .into(),
             status: MemberStatus::Failed,
             protocol_min: 0,
             protocol_max: 0,

@@ -174,7 +174,11 @@ impl Router {
 
     fn compile(&mut self, h: &SerfHandler) -> CompiledHandler {
         let handler = HandlerRef {
-            namespace: h.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            namespace: h
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             name: h.metadata.name.clone().unwrap_or_default(),
             uid: h.metadata.uid.clone(),
         };
@@ -212,11 +216,17 @@ impl Router {
         for r in &h.spec.routes {
             let name = r.name.clone();
             if !seen.insert(name.clone()) {
-                err(&name, "duplicate route name; only the first route of that name routes".into());
+                err(
+                    &name,
+                    "duplicate route name; only the first route of that name routes".into(),
+                );
                 continue;
             }
             if naming::dns_label(&name, 63) != name {
-                err(&name, "route name must be a DNS label (lower-case letters, digits and -)".into());
+                err(
+                    &name,
+                    "route name must be a DNS label (lower-case letters, digits and -)".into(),
+                );
                 continue;
             }
             let filter = match EventFilter::parse(&r.on) {
@@ -226,9 +236,10 @@ impl Router {
                     continue;
                 }
             };
-            let member_only = filter.items().iter().all(|i| {
-                matches!(i, FilterItem::AnyMember | FilterItem::Member(_))
-            });
+            let member_only = filter
+                .items()
+                .iter()
+                .all(|i| matches!(i, FilterItem::AnyMember | FilterItem::Member(_)));
             let query_only = filter
                 .items()
                 .iter()
@@ -257,16 +268,29 @@ impl Router {
                 }
             };
             if coalesce.is_some() && !member_only {
-                err(&name, "coalesce applies to member events only; `on` must list only member events".into());
+                err(
+                    &name,
+                    "coalesce applies to member events only; `on` must list only member events"
+                        .into(),
+                );
                 continue;
             }
             let action = match (&r.job, &r.respond) {
                 (Some(t), None) => match t.decode() {
-                    Ok(spec) if spec.spec.as_ref().and_then(|s| s.template.spec.as_ref()).is_some_and(|p| !p.containers.is_empty()) => {
+                    Ok(spec)
+                        if spec
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.template.spec.as_ref())
+                            .is_some_and(|p| !p.containers.is_empty()) =>
+                    {
                         RouteAction::Job(Box::new(spec))
                     }
                     Ok(_) => {
-                        err(&name, "job: the template has no spec.template.spec.containers".into());
+                        err(
+                            &name,
+                            "job: the template has no spec.template.spec.containers".into(),
+                        );
                         continue;
                     }
                     Err(e) => {
@@ -276,13 +300,20 @@ impl Router {
                 },
                 (None, Some(resp)) => {
                     if !query_only {
-                        err(&name, "respond answers queries only; `on` must list only query or query:NAME".into());
+                        err(
+                            &name,
+                            "respond answers queries only; `on` must list only query or query:NAME"
+                                .into(),
+                        );
                         continue;
                     }
                     RouteAction::Respond(resp.payload.clone())
                 }
                 _ => {
-                    err(&name, "a route needs exactly one action: job or respond".into());
+                    err(
+                        &name,
+                        "a route needs exactly one action: job or respond".into(),
+                    );
                     continue;
                 }
             };
@@ -644,9 +675,11 @@ impl Engine {
                 ));
                 continue;
             }
-            if let Some((k, src, _)) = h.self_tags.iter().find(|(k, _, re)| {
-                !ctx.node.tags.get(k).is_some_and(|v| re.is_match(v))
-            }) {
+            if let Some((k, src, _)) = h
+                .self_tags
+                .iter()
+                .find(|(k, _, re)| !ctx.node.tags.get(k).is_some_and(|v| re.is_match(v)))
+            {
                 outcome.actions.push(skip(
                     SkipReason::SelfTagsMismatch,
                     format!(
@@ -778,8 +811,10 @@ impl Engine {
         }
         // A query that only job routes take is answered with the Job's name at once.
         if let (Event::Query(q), false, Some(job)) = (event, answered, first_job)
-            && let Some(Action::Launch(l)) =
-                outcome.actions.iter().find(|a| matches!(a, Action::Launch(_)))
+            && let Some(Action::Launch(l)) = outcome
+                .actions
+                .iter()
+                .find(|a| matches!(a, Action::Launch(_)))
         {
             let handler = l.handler.clone();
             let route = l.route.clone();

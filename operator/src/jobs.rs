@@ -101,7 +101,11 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
     annotations.insert(ANNOTATION_EVENT.into(), req.event_description.to_string());
 
     let owner = req.handler.uid.as_ref().map(|uid| OwnerReference {
-        api_version: format!("{}/{}", serf_operator_crds::GROUP, serf_operator_crds::VERSION),
+        api_version: format!(
+            "{}/{}",
+            serf_operator_crds::GROUP,
+            serf_operator_crds::VERSION
+        ),
         kind: "SerfHandler".into(),
         name: req.handler.name.clone(),
         uid: uid.clone(),
@@ -172,7 +176,11 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
             namespace: Some(req.handler.namespace.clone()),
             labels: Some(labels),
             annotations: Some(
-                [(ANNOTATION_EVENT.to_string(), req.event_description.to_string())].into(),
+                [(
+                    ANNOTATION_EVENT.to_string(),
+                    req.event_description.to_string(),
+                )]
+                .into(),
             ),
             ..Default::default()
         },

@@ -335,7 +335,13 @@ pub async fn run_local(
                 };
                 let outcome = engine.route(&ev, &ctx);
                 for a in &outcome.actions {
-                    if let (Action::Answer { query_id, payload, .. }, Some(c)) = (a, &current) {
+                    if let (
+                        Action::Answer {
+                            query_id, payload, ..
+                        },
+                        Some(c),
+                    ) = (a, &current)
+                    {
                         if let Err(e) = c.respond(*query_id, payload).await {
                             tracing::warn!(error = %e, "cannot answer query");
                         }

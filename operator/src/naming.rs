@@ -22,7 +22,10 @@ pub const MAX_NAME: usize = 63;
 pub fn job_name(handler: &str, route: &str, key: &[&[u8]]) -> String {
     let mut h = Sha256::new();
     h.update(SCHEME);
-    for part in [handler.as_bytes(), route.as_bytes()].into_iter().chain(key.iter().copied()) {
+    for part in [handler.as_bytes(), route.as_bytes()]
+        .into_iter()
+        .chain(key.iter().copied())
+    {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
@@ -92,7 +95,10 @@ mod tests {
         );
     }
 
-    const GOLDEN: [&str; 2] = ["web-deploy-4d84b85ebeb1", "a-very-long-handler-name-that-goes-on-and-on-and-a-d38d163405d7"];
+    const GOLDEN: [&str; 2] = [
+        "web-deploy-4d84b85ebeb1",
+        "a-very-long-handler-name-that-goes-on-and-on-and-a-d38d163405d7",
+    ];
 
     #[test]
     fn names_are_labels_and_distinct() {
@@ -105,13 +111,19 @@ mod tests {
         assert_ne!(a, d);
         for n in [&a, &b, &c] {
             assert!(n.len() <= MAX_NAME);
-            assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+            assert!(
+                n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            );
         }
         let long = job_name(&"x".repeat(250), &"y".repeat(40), &[b"k"]);
         assert_eq!(long.len(), MAX_NAME);
         // Two handlers that share a long prefix still get different names.
         let p = "x".repeat(60);
-        assert_ne!(job_name(&format!("{p}a"), "r", &[b"k"]), job_name(&format!("{p}b"), "r", &[b"k"]));
+        assert_ne!(
+            job_name(&format!("{p}a"), "r", &[b"k"]),
+            job_name(&format!("{p}b"), "r", &[b"k"])
+        );
     }
 
     #[test]

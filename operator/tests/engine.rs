@@ -1,0 +1,691 @@
+//! The routing engine on the shipped examples and on handlers written for each rule.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::batch::v1::Job;
+use serf_client::{
+    Event, Member, MemberEvent, MemberEventKind, MemberStatus, QueryEvent, UserEvent,
+};
+use serf_operator::contract::SelfNode;
+use serf_operator::engine::{
+    Action, ActiveJobs, Context, Engine, Launch, Membership, NoActiveJobs, Outcome, SkipReason,
+};
+use serf_operator::jobs::HandlerRef;
+use serf_operator::manifests::{load_handlers, parse_handlers};
+use serf_operator_crds::SerfHandler;
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn node(role: &str) -> SelfNode {
+    SelfNode {
+        name: "node1".into(),
+        tags: [
+            ("role".to_string(), role.to_string()),
+            ("dc".to_string(), "eu-west".to_string()),
+        ]
+        .into(),
+    }
+}
+
+fn user(name: &str, ltime: u64, payload: &[u8]) -> Event {
+    Event::User(UserEvent {
+        ltime,
+        name: name.into(),
+        payload: payload.to_vec(),
+        coalesce: false,
+    })
+}
+
+fn query(name: &str, id: u64, payload: &[u8]) -> Event {
+    Event::Query(QueryEvent {
+        id,
+        ltime: 3,
+        name: name.into(),
+        payload: payload.to_vec(),
+    })
+}
+
+fn member(name: &str, role: &str, status: MemberStatus) -> Member {
+    Member {
+        name: name.into(),
+        addr: "10.0.0.5".parse().unwrap(),
+        port: 7946,
+        tags: [("role".to_string(), role.to_string())].into(),
+        status,
+        protocol_min: 1,
+        protocol_max: 5,
+        protocol_cur: 2,
+        delegate_min: 2,
+        delegate_max: 5,
+        delegate_cur: 4,
+    }
+}
+
+fn members_event(kind: MemberEventKind, members: Vec<Member>) -> Event {
+    Event::Member(MemberEvent { kind, members })
+}
+
+fn route_with(
+    engine: &mut Engine,
+    event: &Event,
+    node: &SelfNode,
+    active: &dyn ActiveJobs,
+    now: SystemTime,
+) -> Outcome {
+    engine.route(
+        event,
+        &Context {
+            node,
+            pod: ("op-0", "serf-system"),
+            active,
+            now,
+            replayed: false,
+        },
+    )
+}
+
+fn route(engine: &mut Engine, event: &Event, node: &SelfNode) -> Outcome {
+    route_with(engine, event, node, &NoActiveJobs, SystemTime::UNIX_EPOCH)
+}
+
+fn launches(o: &Outcome) -> Vec<&Launch> {
+    o.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Launch(l) => Some(l.as_ref()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn env_of(job: &Job) -> BTreeMap<String, String> {
+    job.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect()
+}
+
+fn handler(yaml: &str) -> Vec<SerfHandler> {
+    parse_handlers(yaml, Path::new("test.yaml")).unwrap()
+}
+
+const JOB: &str = r#"
+      job:
+        spec:
+          template:
+            spec:
+              restartPolicy: Never
+              containers: [{name: c, image: busybox}]"#;
+
+#[test]
+fn every_example_parses_and_has_valid_routes() {
+    let handlers = load_handlers(&[examples()]).unwrap();
+    let names: Vec<_> = handlers
+        .iter()
+        .map(|h| h.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["db", "db-remediation", "web", "where"]);
+    let engine = Engine::new(&handlers, Membership::default());
+    assert!(
+        engine.router().errors().is_empty(),
+        "{:?}",
+        engine.router().errors()
+    );
+    assert_eq!(engine.router().route_count(), 5);
+    // Triggers parse too (and are not handlers).
+    for f in std::fs::read_dir(examples().join("triggers")).unwrap() {
+        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        let t: serf_operator_crds::SerfEventTrigger = serde_yaml::from_str(&text).unwrap();
+        assert!(t.spec.event.is_some() != t.spec.query.is_some());
+    }
+}
+
+#[test]
+fn web_handler_deploys_on_its_role_only() {
+    let handlers = load_handlers(&[examples()]).unwrap();
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let ev = user("deploy", 42, b"v1.2.3");
+    let o = route(&mut engine, &ev, &node("web"));
+    assert_eq!(o.event, "user:deploy@42");
+    let l = launches(&o);
+    assert_eq!(l.len(), 1);
+    let job = &l[0].job;
+    assert_eq!(job.metadata.namespace.as_deref(), Some("apps"));
+    assert!(
+        job.metadata
+            .name
+            .as_ref()
+            .unwrap()
+            .starts_with("web-deploy-")
+    );
+    let env = env_of(job);
+    assert_eq!(env["SERF_EVENT"], "user");
+    assert_eq!(env["SERF_USER_EVENT"], "deploy");
+    assert_eq!(env["SERF_USER_LTIME"], "42");
+    assert_eq!(env["SERF_PAYLOAD"], "v1.2.3");
+    assert_eq!(env["SERF_SELF_ROLE"], "web");
+    assert_eq!(env["SERF_TAG_DC"], "eu-west");
+    assert!(!env.contains_key("SERF_PAYLOAD_BASE64"));
+    let labels = job.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels["serf.operator.io/handler"], "web");
+    assert_eq!(labels["serf.operator.io/route"], "deploy");
+    assert_eq!(labels["serf.operator.io/event"], "user");
+    assert_eq!(labels["serf.operator.io/event-name"], "deploy");
+    // The stdin Secret: the payload plus a newline, as Serf pipes it.
+    let stdin = &l[0].stdin.data.as_ref().unwrap()["stdin"].0;
+    assert_eq!(stdin, b"v1.2.3\n");
+    assert_eq!(l[0].stdin.metadata.name, job.metadata.name);
+
+    // On a db node the web route skips with the reason; the db route does not take deploy.
+    let o = route(&mut engine, &ev, &node("db"));
+    assert_eq!(o.actions.len(), 1);
+    match &o.actions[0] {
+        Action::Skip {
+            reason, message, ..
+        } => {
+            assert_eq!(*reason, SkipReason::RoleMismatch);
+            assert!(message.contains("\"db\""), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The db handler's backup on a db node; its template labels are kept.
+    let o = route(&mut engine, &user("backup", 7, b"nightly"), &node("db"));
+    let l = launches(&o);
+    assert_eq!(l.len(), 1);
+    assert_eq!(
+        l[0].job.metadata.labels.as_ref().unwrap()["team"],
+        "storage"
+    );
+}
+
+#[test]
+fn job_names_are_deterministic_and_distinct() {
+    let handlers = load_handlers(&[examples()]).unwrap();
+    let mut a = Engine::new(&handlers, Membership::default());
+    let mut b = Engine::new(&handlers, Membership::default());
+    let name = |e: &mut Engine, ev: &Event| {
+        launches(&route(e, ev, &node("web")))[0]
+            .job
+            .metadata
+            .name
+            .clone()
+            .unwrap()
+    };
+    let n1 = name(&mut a, &user("deploy", 42, b"v1"));
+    // Another engine (restart, second replica) names the same event the same way.
+    assert_eq!(n1, name(&mut b, &user("deploy", 42, b"v1")));
+    // Same Lamport time from another sender with another payload: another event.
+    assert_ne!(n1, name(&mut a, &user("deploy", 42, b"v2")));
+    assert_ne!(n1, name(&mut a, &user("deploy", 43, b"v1")));
+    assert!(n1.len() <= 63);
+}
+
+#[test]
+fn member_flap_gets_new_jobs_and_duplicates_do_not() {
+    let handlers = handler(&format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: m, namespace: ops}}
+spec:
+  routes:
+    - name: failed
+      on: member-failed,member-join
+{JOB}
+"#
+    ));
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let n = node("web");
+    let name = |e: &mut Engine, ev: &Event| {
+        launches(&route(e, ev, &n))[0]
+            .job
+            .metadata
+            .name
+            .clone()
+            .unwrap()
+    };
+    let failed = members_event(
+        MemberEventKind::Failed,
+        vec![member("db-1", "db", MemberStatus::Failed)],
+    );
+    let alive = members_event(
+        MemberEventKind::Join,
+        vec![member("db-1", "db", MemberStatus::Alive)],
+    );
+    let first = name(&mut engine, &failed);
+    let duplicate = name(&mut engine, &failed);
+    assert_eq!(
+        first, duplicate,
+        "a duplicate delivery must map to the same Job"
+    );
+    let _ = name(&mut engine, &alive);
+    let again = name(&mut engine, &failed);
+    assert_ne!(first, again, "failed, alive, failed is a flap: a new Job");
+    assert_eq!(engine.membership().members["db-1"].version, 3);
+}
+
+#[test]
+fn remediation_coalesces_db_failures_only() {
+    let handlers = load_handlers(&[examples()]).unwrap();
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let n = node("web");
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+    let ev1 = members_event(
+        MemberEventKind::Failed,
+        vec![
+            member("db-1", "db", MemberStatus::Failed),
+            member("web-9", "web", MemberStatus::Failed),
+        ],
+    );
+    let o = route_with(&mut engine, &ev1, &n, &NoActiveJobs, t0);
+    assert!(
+        matches!(&o.actions[..], [Action::Deferred { until, .. }] if *until == t0 + Duration::from_secs(10))
+    );
+    // Only web members: filtered, with the reason.
+    let ev2 = members_event(
+        MemberEventKind::Failed,
+        vec![member("web-2", "web", MemberStatus::Failed)],
+    );
+    let o = route_with(
+        &mut engine,
+        &ev2,
+        &n,
+        &NoActiveJobs,
+        t0 + Duration::from_secs(2),
+    );
+    assert!(matches!(
+        &o.actions[..],
+        [Action::Skip {
+            reason: SkipReason::MembersFiltered,
+            ..
+        }]
+    ));
+    let ev3 = members_event(
+        MemberEventKind::Failed,
+        vec![member("db-2", "db", MemberStatus::Failed)],
+    );
+    route_with(
+        &mut engine,
+        &ev3,
+        &n,
+        &NoActiveJobs,
+        t0 + Duration::from_secs(5),
+    );
+    assert_eq!(engine.next_deadline(), Some(t0 + Duration::from_secs(10)));
+
+    let ctx = |now| Context {
+        node: &n,
+        pod: ("", ""),
+        active: &NoActiveJobs,
+        now,
+        replayed: false,
+    };
+    assert!(engine.flush(&ctx(t0 + Duration::from_secs(9))).is_empty());
+    let out = engine.flush(&ctx(t0 + Duration::from_secs(10)));
+    assert_eq!(out.len(), 1);
+    let l = launches(&out[0]);
+    assert_eq!(l.len(), 1);
+    let stdin = String::from_utf8(l[0].stdin.data.as_ref().unwrap()["stdin"].0.clone()).unwrap();
+    assert_eq!(
+        stdin,
+        "db-1\t10.0.0.5\tdb\trole=db\ndb-2\t10.0.0.5\tdb\trole=db\n"
+    );
+    assert_eq!(env_of(&l[0].job)["SERF_EVENT"], "member-failed");
+    assert!(engine.next_deadline().is_none());
+}
+
+#[test]
+fn concurrency_policies() {
+    let handlers = load_handlers(&[examples()]).unwrap();
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let mut active: BTreeMap<(String, String, String), Vec<String>> = BTreeMap::new();
+    active.insert(
+        ("apps".into(), "web".into(), "deploy".into()),
+        vec!["web-deploy-old".into()],
+    );
+    let o = route_with(
+        &mut engine,
+        &user("deploy", 9, b"x"),
+        &node("web"),
+        &active,
+        SystemTime::UNIX_EPOCH,
+    );
+    match &o.actions[..] {
+        [
+            Action::Skip {
+                reason: SkipReason::ConcurrencyForbid,
+                message,
+                ..
+            },
+        ] => {
+            assert!(message.contains("web-deploy-old"))
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let replace = handler(&format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: r, namespace: ns}}
+spec:
+  routes:
+    - name: go
+      on: user:go
+      concurrencyPolicy: Replace
+{JOB}
+"#
+    ));
+    let mut engine = Engine::new(&replace, Membership::default());
+    let mut active: BTreeMap<(String, String, String), Vec<String>> = BTreeMap::new();
+    active.insert(
+        ("ns".into(), "r".into(), "go".into()),
+        vec!["r-go-1".into()],
+    );
+    let o = route_with(
+        &mut engine,
+        &user("go", 1, b""),
+        &node("x"),
+        &active,
+        SystemTime::UNIX_EPOCH,
+    );
+    assert_eq!(launches(&o)[0].replace, ["r-go-1"]);
+}
+
+#[test]
+fn queries_respond_inline_or_with_the_job_name() {
+    let handlers = load_handlers(&[examples()]).unwrap();
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let o = route(&mut engine, &query("where", 17, b""), &node("web"));
+    match &o.actions[..] {
+        [
+            Action::Answer {
+                query_id,
+                payload,
+                handler,
+                ..
+            },
+        ] => {
+            assert_eq!(*query_id, 17);
+            assert_eq!(payload, b"node1 in serf-system");
+            assert_eq!(handler.name, "where");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let hs = handler(&format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: q, namespace: ns}}
+spec:
+  routes:
+    - name: run
+      on: query:build
+{JOB}
+---
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: big, namespace: ns}}
+spec:
+  routes:
+    - name: huge
+      on: query:huge
+      respond: {{payload: "$(SERF_PAYLOAD)$(SERF_PAYLOAD)"}}
+    - name: second
+      on: query:huge
+      respond: {{payload: "second"}}
+"#
+    ));
+    let mut engine = Engine::new(&hs, Membership::default());
+    let o = route(&mut engine, &query("build", 4, b"x"), &node("web"));
+    let job = launches(&o)[0].job.metadata.name.clone().unwrap();
+    let answer = o.actions.iter().find_map(|a| match a {
+        Action::Answer { payload, .. } => Some(String::from_utf8(payload.clone()).unwrap()),
+        _ => None,
+    });
+    assert_eq!(answer, Some(format!("ns/{job}")));
+
+    // Too large after expansion: skipped with the reason; the next route answers instead.
+    let o = route(&mut engine, &query("huge", 5, &[b'x'; 600]), &node("web"));
+    assert!(matches!(
+        o.actions[0],
+        Action::Skip {
+            reason: SkipReason::ResponseTooLarge,
+            ..
+        }
+    ));
+    assert!(matches!(&o.actions[1], Action::Answer { payload, .. } if payload == b"second"));
+    // Two respond routes for one query: the first answers, the second is told why not.
+    let o = route(&mut engine, &query("huge", 6, b"a"), &node("web"));
+    assert!(matches!(&o.actions[0], Action::Answer { payload, .. } if payload == b"aa"));
+    assert!(matches!(
+        o.actions[1],
+        Action::Skip {
+            reason: SkipReason::AlreadyAnswered,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn invalid_routes_are_named_and_the_rest_still_route() {
+    let hs = handler(&format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: mixed, namespace: ns}}
+spec:
+  routes:
+    - name: good
+      on: user:good
+{JOB}
+    - name: bad-filter
+      on: "user, query"
+{JOB}
+    - name: bad-regex
+      on: member-join
+      members: {{role: "db("}}
+{JOB}
+    - name: good
+      on: user:dup
+{JOB}
+    - name: both
+      on: query
+      respond: {{payload: x}}
+{JOB}
+    - name: respond-user
+      on: user:x
+      respond: {{payload: x}}
+    - name: empty-job
+      on: user:y
+      job: {{spec: {{template: {{spec: {{containers: []}}}}}}}}
+    - name: typo
+      on: user:z
+      job: {{spec: {{template: {{spec: {{containers: "nope"}}}}}}}}
+---
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: badrole, namespace: ns}}
+spec:
+  role: "web("
+  routes:
+    - name: r
+      on: user:good
+{JOB}
+"#
+    ));
+    let mut engine = Engine::new(&hs, Membership::default());
+    let errors: Vec<String> = engine
+        .router()
+        .errors()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let expect = [
+        "SerfHandler ns/badrole: role: regex",
+        "SerfHandler ns/mixed route bad-filter: on: invalid request: invalid event filter item \" query\"",
+        "SerfHandler ns/mixed route bad-regex: members.role: regex \"db(\" does not compile",
+        "SerfHandler ns/mixed route good: duplicate route name",
+        "SerfHandler ns/mixed route both: a route needs exactly one action",
+        "SerfHandler ns/mixed route respond-user: respond answers queries only",
+        "SerfHandler ns/mixed route empty-job: job: the template has no spec.template.spec.containers",
+        "SerfHandler ns/mixed route typo: job: not a valid JobTemplateSpec",
+    ];
+    assert_eq!(errors.len(), expect.len(), "{errors:#?}");
+    for e in expect {
+        assert!(
+            errors.iter().any(|x| x.starts_with(e)),
+            "missing {e:?} in {errors:#?}"
+        );
+    }
+    assert_eq!(engine.router().route_count(), 1);
+    let o = route(&mut engine, &user("good", 1, b""), &node("web"));
+    assert_eq!(launches(&o).len(), 1);
+    assert_eq!(
+        launches(&o)[0].handler,
+        HandlerRef {
+            namespace: "ns".into(),
+            name: "mixed".into(),
+            uid: None
+        }
+    );
+    // The duplicate's event is not routed by the dropped route.
+    assert!(
+        route(&mut engine, &user("dup", 1, b""), &node("web"))
+            .actions
+            .is_empty()
+    );
+}
+
+#[test]
+fn self_tags_and_binary_payloads() {
+    let hs = handler(&format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: eu, namespace: ns, uid: 1234-abcd}}
+spec:
+  role: "web|api"
+  selfTags: {{dc: "eu-.*"}}
+  routes:
+    - name: any
+      on: "*"
+{JOB}
+"#
+    ));
+    let mut engine = Engine::new(&hs, Membership::default());
+    let o = route(
+        &mut engine,
+        &user("blob", 2, &[0xff, 0x00, 0x41]),
+        &node("api"),
+    );
+    let l = launches(&o);
+    let env = env_of(&l[0].job);
+    assert_eq!(env["SERF_PAYLOAD_BASE64"], "/wBB");
+    assert_eq!(
+        l[0].stdin.data.as_ref().unwrap()["stdin"].0,
+        vec![0xff, 0x00, 0x41, b'\n']
+    );
+    let owner = &l[0].job.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+        ("SerfHandler", "eu", "1234-abcd")
+    );
+    assert_eq!(owner.controller, Some(true));
+
+    let mut us = node("web");
+    us.tags.insert("dc".into(), "us-east".into());
+    let o = route(&mut engine, &user("blob", 3, b""), &us);
+    assert!(matches!(
+        &o.actions[..],
+        [Action::Skip {
+            reason: SkipReason::SelfTagsMismatch,
+            ..
+        }]
+    ));
+}
+
+/// The index finds exactly the routes a scan would, for many handlers and events.
+#[test]
+fn index_matches_a_full_scan() {
+    let filters = [
+        "*",
+        "user",
+        "user:a",
+        "user:b",
+        "query",
+        "query:a",
+        "member-*",
+        "member-join",
+        "member-failed,user:a",
+        "user:a,user",
+        "query:b,member-reap",
+    ];
+    let mut yaml = String::new();
+    for (i, f) in filters.iter().enumerate() {
+        yaml.push_str(&format!(
+            "---\napiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {{name: h{i:02}, namespace: ns}}\nspec:\n  routes:\n    - name: r\n      on: \"{f}\"\n{JOB}\n"
+        ));
+    }
+    let hs = handler(&yaml);
+    let mut engine = Engine::new(&hs, Membership::default());
+    let events = [
+        user("a", 1, b""),
+        user("b", 1, b""),
+        user("c", 1, b""),
+        query("a", 1, b""),
+        query("b", 1, b""),
+        members_event(
+            MemberEventKind::Join,
+            vec![member("x", "db", MemberStatus::Alive)],
+        ),
+        members_event(
+            MemberEventKind::Reap,
+            vec![member("x", "db", MemberStatus::Left)],
+        ),
+        members_event(
+            MemberEventKind::Update,
+            vec![member("x", "db", MemberStatus::Alive)],
+        ),
+    ];
+    for ev in events {
+        let (name, _) = serf_operator::engine::describe(&ev);
+        let mut expected: Vec<String> = filters
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                serf_client::EventFilter::parse(f)
+                    .unwrap()
+                    .matches(ev.kind(), &name)
+            })
+            .map(|(i, _)| format!("h{i:02}"))
+            .collect();
+        expected.sort();
+        let mut got: Vec<String> = route(&mut engine, &ev, &node("web"))
+            .actions
+            .iter()
+            .map(|a| a.route().0.name.clone())
+            .collect();
+        got.sort();
+        // A job route on a query also answers with the Job's name: one route, two actions.
+        got.dedup();
+        assert_eq!(got, expected, "{ev:?}");
+    }
+}
