@@ -146,9 +146,9 @@ pub fn expand(template: &str, vars: &BTreeMap<String, String>) -> String {
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        if tail.starts_with("$$") {
+        if let Some(after) = tail.strip_prefix("$$") {
             out.push('$');
-            rest = &tail[2..];
+            rest = after;
             continue;
         }
         if let Some(body) = tail.strip_prefix("$(")

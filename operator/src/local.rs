@@ -341,10 +341,9 @@ pub async fn run_local(
                         },
                         Some(c),
                     ) = (a, &current)
+                        && let Err(e) = c.respond(*query_id, payload).await
                     {
-                        if let Err(e) = c.respond(*query_id, payload).await {
-                            tracing::warn!(error = %e, "cannot answer query");
-                        }
+                        tracing::warn!(error = %e, "cannot answer query");
                     }
                 }
                 out.write_all(render(&outcome)?.as_bytes())?;
