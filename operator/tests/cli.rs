@@ -1,0 +1,246 @@
+//! The `serf-operator` command: `route` on the shipped examples, `local` against real
+//! Serf agents (Jobs printed as events arrive, queries answered), and bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serf_client::{Client, ClientConfig, QueryParams};
+use serf_testkit::{Agent, AgentConfig};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_serf-operator"))
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = bin().args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn route_prints_jobs_answers_and_reasons_as_yaml() {
+    let ex = examples();
+    let ex = ex.to_str().unwrap();
+    let (ok, out, err) = run(&[
+        "route",
+        "--handlers",
+        ex,
+        "--event",
+        "user:deploy",
+        "--payload",
+        "v1.2.3",
+        "--self-name",
+        "web-1",
+        "--self-tags",
+        "role=web",
+    ]);
+    assert!(ok, "{err}");
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&out)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 3, "{out}");
+    assert_eq!(docs[0]["event"], "user:deploy@1");
+    assert_eq!(docs[0]["results"][0]["action"], "createJob");
+    let job: k8s_openapi::api::batch::v1::Job = serde_yaml::from_value(docs[1].clone()).unwrap();
+    assert_eq!(job.metadata.namespace.as_deref(), Some("apps"));
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_yaml::from_value(docs[2].clone()).unwrap();
+    assert_eq!(secret.data.unwrap()["stdin"].0, b"v1.2.3\n");
+
+    // Why nothing ran: the role, and events no route takes.
+    let (ok, out, _) = run(&[
+        "route",
+        "--handlers",
+        ex,
+        "--event",
+        "user:backup",
+        "--self-tags",
+        "role=web",
+    ]);
+    assert!(ok);
+    assert!(out.contains("reason: RoleMismatch"), "{out}");
+    let (ok, out, _) = run(&["route", "--handlers", ex, "--event", "user:nothing"]);
+    assert!(ok);
+    assert!(
+        out.contains("no route of any handler takes user:nothing@1"),
+        "{out}"
+    );
+
+    // A member failure goes through the coalescing window of the remediation handler.
+    let (ok, out, _) = run(&[
+        "route",
+        "--handlers",
+        ex,
+        "--event",
+        "member-failed",
+        "--members",
+        "db-1=10.0.0.5,role=db",
+        "--members",
+        "web-1=10.0.0.6:7950,role=web",
+    ]);
+    assert!(ok);
+    assert!(out.contains("action: coalesce"), "{out}");
+    assert!(out.contains("event: member-failed:db-1\n"), "{out}");
+    assert!(out.contains("kind: Job"), "{out}");
+}
+
+#[test]
+fn bad_input_is_named() {
+    let ex = examples();
+    let ex = ex.to_str().unwrap();
+    let (ok, _, err) = run(&["route", "--handlers", ex, "--event", "bogus"]);
+    assert!(!ok);
+    assert!(err.contains("unknown event \"bogus\""), "{err}");
+    let (ok, _, err) = run(&["route", "--handlers", ex, "--event", "member-join"]);
+    assert!(!ok);
+    assert!(err.contains("needs at least one --members"), "{err}");
+    let (ok, _, err) = run(&[
+        "route",
+        "--handlers",
+        ex,
+        "--event",
+        "member-join",
+        "--members",
+        "x=not-an-ip",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("invalid IP address"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ignored}\n---\napiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {name: h}\nspec: {routes: 7}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&[
+        "route",
+        "--handlers",
+        bad.to_str().unwrap(),
+        "--event",
+        "user:x",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("bad.yaml, document 2: SerfHandler"), "{err}");
+
+    // An invalid route is a warning naming it; the other routes still route.
+    std::fs::write(
+        &bad,
+        "apiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {name: h, namespace: n}\nspec:\n  routes:\n  - {name: ok, on: 'query:q', respond: {payload: yes}}\n  - {name: broken, on: 'user:x', members: {role: db}, respond: {payload: no}}\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run(&[
+        "route",
+        "--handlers",
+        bad.to_str().unwrap(),
+        "--event",
+        "query:q",
+    ]);
+    assert!(ok);
+    assert!(
+        err.contains("warning: SerfHandler n/h route broken:"),
+        "{err}"
+    );
+    assert!(out.contains("answer: yes"), "{out}");
+}
+
+/// Kills the child when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_follows_a_live_agent() {
+    let web = Agent::start(
+        AgentConfig::new("local-web")
+            .tag("role", "web")
+            .rpc_auth("tok"),
+        &[],
+    )
+    .unwrap();
+    let mut child = Running(
+        bin()
+            .args(["local", "--handlers", examples().to_str().unwrap()])
+            .env("SERF_RPC_ADDR", web.rpc_addr().to_string())
+            .env("SERF_RPC_AUTH", "tok")
+            .env("POD_NAMESPACE", "serf-system")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if line.contains(needle) {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("no {needle:?} in the output:\n{seen}"),
+            }
+        }
+    };
+
+    let client = Client::connect(ClientConfig::new(web.rpc_addr().to_string()).with_auth("tok"))
+        .await
+        .unwrap();
+    // Local mode subscribes asynchronously: fire until its first result appears.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ltime_seen = false;
+    while !ltime_seen {
+        client.event("deploy", b"v9", false).await.unwrap();
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) => ltime_seen = line.contains("event: user:deploy@"),
+            Err(_) => assert!(Instant::now() < deadline, "local mode printed nothing"),
+        }
+    }
+    let out = wait_for("value: v9");
+    assert!(
+        out.contains("kind: Job") || out.contains("SERF_PAYLOAD"),
+        "{out}"
+    );
+
+    // The where query is answered inline by local mode.
+    let mut p = QueryParams::new("where", Vec::new());
+    p.timeout = Some(Duration::from_secs(2));
+    let outcome = client.query(&p).await.unwrap().collect().await.unwrap();
+    assert_eq!(
+        outcome.responses,
+        vec![(
+            "local-web".to_string(),
+            b"local-web in serf-system".to_vec()
+        )]
+    );
+    wait_for("answer: local-web in serf-system");
+}
