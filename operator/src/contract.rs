@@ -203,23 +203,17 @@ mod tests {
             coalesce: true,
         });
         assert_eq!(stdin(&ev), b"payload\n");
-        let member = Member {
-            name: "node\t3".into(),
-            addr: "127.0.0.1".parse().unwrap(),
-            port: 7946,
-            tags: [
+        let member = Member::new(
+            "node\t3",
+            "127.0.0.1".parse().unwrap(),
+            7946,
+            [
                 ("role".to_string(), "db".to_string()),
                 ("ver".to_string(), "2".to_string()),
             ]
             .into(),
-            status: MemberStatus::Failed,
-            protocol_min: 0,
-            protocol_max: 0,
-            protocol_cur: 0,
-            delegate_min: 0,
-            delegate_max: 0,
-            delegate_cur: 0,
-        };
+            MemberStatus::Failed,
+        );
         let ev = Event::Member(MemberEvent {
             kind: MemberEventKind::Failed,
             members: vec![member],

@@ -776,36 +776,22 @@ impl Engine {
                     });
                 }
                 RouteAction::Job(template) => {
-                    let key = event_key(&event_for_route, &versions);
-                    let key_refs: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
-                    let job_name = naming::job_name(&h.handler.name, &r.name, &key_refs);
-                    let active = ctx.active.active(&h.handler, &r.name);
-                    let active: Vec<String> =
-                        active.into_iter().filter(|n| *n != job_name).collect();
-                    let replace = match r.policy {
-                        ConcurrencyPolicy::Forbid if !active.is_empty() => {
-                            outcome.actions.push(skip(
-                                SkipReason::ConcurrencyForbid,
-                                format!("Job {} is still active", active.join(", ")),
-                            ));
-                            continue;
-                        }
-                        ConcurrencyPolicy::Replace => active,
-                        _ => Vec::new(),
-                    };
-                    let launch = build_launch(
+                    let action = launch_or_skip(
                         &h.handler,
-                        &r.name,
+                        r,
                         template,
-                        job_name.clone(),
                         &event_for_route,
+                        &versions,
                         ctx,
                         &description,
                         ctx.replayed,
-                        replace,
                     );
-                    first_job.get_or_insert(job_name);
-                    outcome.actions.push(Action::Launch(Box::new(launch)));
+                    if let Action::Launch(l) = &action
+                        && let Some(name) = &l.job.metadata.name
+                    {
+                        first_job.get_or_insert(name.clone());
+                    }
+                    outcome.actions.push(action);
                 }
             }
         }
@@ -859,38 +845,16 @@ impl Engine {
                 members: batch.members.into_values().map(|(m, _)| m).collect(),
             });
             let (_, description) = describe(&event);
-            let key = event_key(&event, &versions);
-            let key_refs: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
-            let job_name = naming::job_name(&h.handler.name, &r.name, &key_refs);
-            let active: Vec<String> = ctx
-                .active
-                .active(&h.handler, &r.name)
-                .into_iter()
-                .filter(|n| *n != job_name)
-                .collect();
-            let action = match r.policy {
-                ConcurrencyPolicy::Forbid if !active.is_empty() => Action::Skip {
-                    handler: h.handler.clone(),
-                    route: r.name.clone(),
-                    reason: SkipReason::ConcurrencyForbid,
-                    message: format!("Job {} is still active", active.join(", ")),
-                },
-                policy => Action::Launch(Box::new(build_launch(
-                    &h.handler,
-                    &r.name,
-                    template,
-                    job_name,
-                    &event,
-                    ctx,
-                    &description,
-                    batch.replayed,
-                    if policy == ConcurrencyPolicy::Replace {
-                        active
-                    } else {
-                        Vec::new()
-                    },
-                ))),
-            };
+            let action = launch_or_skip(
+                &h.handler,
+                r,
+                template,
+                &event,
+                &versions,
+                ctx,
+                &description,
+                batch.replayed,
+            );
             out.push(Outcome {
                 event: description,
                 actions: vec![action],
@@ -909,6 +873,53 @@ impl Engine {
             .position(|r| r.name == route)?;
         Some((hi, ri))
     }
+}
+
+/// The Job a route launches for an event, or the concurrency policy's reason not to.
+#[allow(clippy::too_many_arguments)]
+fn launch_or_skip(
+    handler: &HandlerRef,
+    route: &CompiledRoute,
+    template: &JobTemplateSpec,
+    event: &Event,
+    versions: &BTreeMap<String, u64>,
+    ctx: &Context<'_>,
+    description: &str,
+    replayed: bool,
+) -> Action {
+    let key = event_key(event, versions);
+    let key_refs: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
+    let job_name = naming::job_name(&handler.name, &route.name, &key_refs);
+    // The event's own Job being active is not a conflict: creating it again is a no-op.
+    let active: Vec<String> = ctx
+        .active
+        .active(handler, &route.name)
+        .into_iter()
+        .filter(|n| *n != job_name)
+        .collect();
+    let replace = match route.policy {
+        ConcurrencyPolicy::Forbid if !active.is_empty() => {
+            return Action::Skip {
+                handler: handler.clone(),
+                route: route.name.clone(),
+                reason: SkipReason::ConcurrencyForbid,
+                message: format!("Job {} is still active", active.join(", ")),
+            };
+        }
+        ConcurrencyPolicy::Replace => active,
+        _ => Vec::new(),
+    };
+    Action::Launch(Box::new(build_launch(
+        handler,
+        &route.name,
+        template,
+        job_name,
+        event,
+        ctx,
+        description,
+        replayed,
+        replace,
+    )))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -97,19 +97,7 @@ fn parse_member(spec: &str, status: MemberStatus) -> Result<Member, EventSpecErr
             .ok_or_else(|| bad("tags must be TAG=VALUE"))?;
         tags.insert(k.to_string(), v.to_string());
     }
-    Ok(Member {
-        name: name.to_string(),
-        addr,
-        port,
-        tags,
-        status,
-        protocol_min: 0,
-        protocol_max: 0,
-        protocol_cur: 0,
-        delegate_min: 0,
-        delegate_max: 0,
-        delegate_cur: 0,
-    })
+    Ok(Member::new(name, addr, port, tags, status))
 }
 
 /// Parses `k=v,k=v`.

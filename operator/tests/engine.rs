@@ -51,19 +51,13 @@ fn query(name: &str, id: u64, payload: &[u8]) -> Event {
 }
 
 fn member(name: &str, role: &str, status: MemberStatus) -> Member {
-    Member {
-        name: name.into(),
-        addr: "10.0.0.5".parse().unwrap(),
-        port: 7946,
-        tags: [("role".to_string(), role.to_string())].into(),
+    Member::new(
+        name,
+        "10.0.0.5".parse().unwrap(),
+        7946,
+        [("role".to_string(), role.to_string())].into(),
         status,
-        protocol_min: 1,
-        protocol_max: 5,
-        protocol_cur: 2,
-        delegate_min: 2,
-        delegate_max: 5,
-        delegate_cur: 4,
-    }
+    )
 }
 
 fn members_event(kind: MemberEventKind, members: Vec<Member>) -> Event {

@@ -245,6 +245,30 @@ pub struct Member {
 }
 
 impl Member {
+    /// A member with this identity and state (protocol versions left at 0): for tools and
+    /// tests that describe members rather than receive them.
+    pub fn new(
+        name: impl Into<String>,
+        addr: IpAddr,
+        port: u16,
+        tags: BTreeMap<String, String>,
+        status: MemberStatus,
+    ) -> Self {
+        Member {
+            name: name.into(),
+            addr,
+            port,
+            tags,
+            status,
+            protocol_min: 0,
+            protocol_max: 0,
+            protocol_cur: 0,
+            delegate_min: 0,
+            delegate_max: 0,
+            delegate_cur: 0,
+        }
+    }
+
     /// The member's `role` tag, or `""` (what Serf passes as `SERF_SELF_ROLE`).
     pub fn role(&self) -> &str {
         self.tags.get("role").map(String::as_str).unwrap_or("")
