@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::batch::v1::{Job, JobTemplateSpec};
 use k8s_openapi::api::core::v1::Secret;
 use regex::Regex;
-use serf_client::{Event, EventFilter, FilterItem, Member, MemberEvent, MemberEventKind};
+use serf_client::{
+    Event, EventFilter, FilterItem, Member, MemberEvent, MemberEventKind, MemberStatus,
+};
 use serf_operator_crds::{ConcurrencyPolicy, SerfHandler};
 use sha2::{Digest, Sha256};
 
@@ -532,6 +534,12 @@ pub struct MemberRecord {
     pub tags: BTreeMap<String, String>,
     /// Number of state changes seen, from 1.
     pub version: u64,
+    /// The member's address when last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<std::net::IpAddr>,
+    /// The member's gossip port when last seen.
+    #[serde(default)]
+    pub port: u16,
 }
 
 /// The membership the engine last acted on.
@@ -556,6 +564,8 @@ impl Membership {
                 r.version += 1;
                 r.status = status;
                 r.tags = m.tags.clone();
+                r.addr = Some(m.addr);
+                r.port = m.port;
                 r.version
             }
             None => {
@@ -565,11 +575,65 @@ impl Membership {
                         status,
                         tags: m.tags.clone(),
                         version: 1,
+                        addr: Some(m.addr),
+                        port: m.port,
                     },
                 );
                 1
             }
         }
+    }
+
+    /// The member events missed while the operator was not following the agent: the
+    /// difference between `current` (the agent's `members`) and the membership last acted
+    /// on, as Serf would have delivered it (one event per type). A member that is gone from
+    /// `current` was reaped meanwhile; one not known before has joined.
+    pub fn diff(&self, current: &[Member]) -> Vec<MemberEvent> {
+        let mut by_kind: BTreeMap<MemberEventKind, Vec<Member>> = BTreeMap::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for m in current {
+            seen.insert(m.name.as_str());
+            let now = m.status.as_str();
+            let before = self.members.get(&m.name);
+            let kind = match (before.map(|r| r.status.as_str()), now) {
+                (None | Some("reaped"), "alive") => Some(MemberEventKind::Join),
+                (None | Some("reaped"), _) => None,
+                (Some(b), n) if b == n => {
+                    let tags_changed = before.is_some_and(|r| r.tags != m.tags);
+                    (tags_changed && n == "alive").then_some(MemberEventKind::Update)
+                }
+                (Some(_), "alive") => Some(MemberEventKind::Join),
+                (Some(_), "failed") => Some(MemberEventKind::Failed),
+                (Some(_), "left" | "leaving") => Some(MemberEventKind::Leave),
+                _ => None,
+            };
+            if let Some(k) = kind {
+                by_kind.entry(k).or_default().push(m.clone());
+            }
+        }
+        for (name, r) in &self.members {
+            if r.status != "reaped" && !seen.contains(name.as_str()) {
+                let status = match r.status.as_str() {
+                    "failed" => MemberStatus::Failed,
+                    _ => MemberStatus::Left,
+                };
+                by_kind
+                    .entry(MemberEventKind::Reap)
+                    .or_default()
+                    .push(Member::new(
+                        name.clone(),
+                        r.addr
+                            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                        r.port,
+                        r.tags.clone(),
+                        status,
+                    ));
+            }
+        }
+        by_kind
+            .into_iter()
+            .map(|(kind, members)| MemberEvent { kind, members })
+            .collect()
     }
 }
 

@@ -198,6 +198,24 @@ fn web_handler_deploys_on_its_role_only() {
         other => panic!("{other:?}"),
     }
 
+    // Members joining: the web handler's member-join route gets them on /serf/stdin.
+    let join = members_event(
+        MemberEventKind::Join,
+        vec![
+            member("web-2", "web", MemberStatus::Alive),
+            member("db-3", "db", MemberStatus::Alive),
+        ],
+    );
+    let o = route(&mut engine, &join, &node("web"));
+    let l = launches(&o);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].route, "member-join");
+    assert_eq!(env_of(&l[0].job)["SERF_EVENT"], "member-join");
+    assert_eq!(
+        l[0].stdin.data.as_ref().unwrap()["stdin"].0,
+        b"web-2\t10.0.0.5\tweb\trole=web\ndb-3\t10.0.0.5\tdb\trole=db\n"
+    );
+
     // The db handler's backup on a db node; its template labels are kept.
     let o = route(&mut engine, &user("backup", 7, b"nightly"), &node("db"));
     let l = launches(&o);
@@ -682,4 +700,75 @@ fn index_matches_a_full_scan() {
         got.dedup();
         assert_eq!(got, expected, "{ev:?}");
     }
+}
+
+#[test]
+fn membership_diff_recovers_missed_member_events() {
+    let mut ledger = Membership::default();
+    let seen = |l: &mut Membership, kind, m: &Member| {
+        l.observe(kind, m);
+    };
+    seen(
+        &mut ledger,
+        MemberEventKind::Join,
+        &member("a", "db", MemberStatus::Alive),
+    );
+    seen(
+        &mut ledger,
+        MemberEventKind::Join,
+        &member("b", "db", MemberStatus::Alive),
+    );
+    seen(
+        &mut ledger,
+        MemberEventKind::Join,
+        &member("c", "web", MemberStatus::Alive),
+    );
+    seen(
+        &mut ledger,
+        MemberEventKind::Failed,
+        &member("d", "db", MemberStatus::Failed),
+    );
+    seen(
+        &mut ledger,
+        MemberEventKind::Join,
+        &member("gone", "db", MemberStatus::Alive),
+    );
+
+    let mut c_updated = member("c", "web", MemberStatus::Alive);
+    c_updated.tags.insert("ver".into(), "2".into());
+    let current = vec![
+        member("a", "db", MemberStatus::Alive),   // unchanged: nothing
+        member("b", "db", MemberStatus::Failed),  // failed while away
+        c_updated,                                // tags changed
+        member("d", "db", MemberStatus::Alive),   // recovered
+        member("new", "db", MemberStatus::Alive), // joined
+        member("e", "db", MemberStatus::Left),    // unknown and already left: nothing
+    ];
+    let diff = ledger.diff(&current);
+    let summary: Vec<(MemberEventKind, Vec<String>)> = diff
+        .iter()
+        .map(|e| (e.kind, e.members.iter().map(|m| m.name.clone()).collect()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                MemberEventKind::Join,
+                vec!["d".to_string(), "new".to_string()]
+            ),
+            (MemberEventKind::Failed, vec!["b".to_string()]),
+            (MemberEventKind::Update, vec!["c".to_string()]),
+            (MemberEventKind::Reap, vec!["gone".to_string()]),
+        ]
+    );
+    // Routing the recovered events makes the ledger match the agent: no second diff.
+    let mut engine = Engine::new(&[], ledger);
+    for e in diff {
+        route(&mut engine, &Event::Member(e), &node("web"));
+    }
+    assert!(engine.membership().diff(&current).is_empty());
+    // And the ledger survives a round trip through JSON (it is persisted in the cluster).
+    let json = serde_json::to_string(engine.membership()).unwrap();
+    let back: Membership = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, engine.membership());
 }
