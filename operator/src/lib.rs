@@ -3,6 +3,7 @@
 pub mod contract;
 pub mod engine;
 pub mod jobs;
+pub mod launcher;
 pub mod local;
 pub mod manifests;
 pub mod naming;

@@ -1,0 +1,301 @@
+//! Job creation against a mock API server (tower-test): the exact request bodies, 409 as
+//! "already launched", retries on 500, final 4xx, and Replace.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, Request, Response};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use serf_client::{Event, UserEvent};
+use serf_operator::contract::SelfNode;
+use serf_operator::engine::{Action, Context, Engine, Launch, Membership};
+use serf_operator::launcher::{LaunchResult, Launcher, RetryPolicy};
+use serf_operator::manifests::parse_handlers;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn mock() -> (Client, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(svc, "default"), handle)
+}
+
+fn fast() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 3,
+        initial: Duration::from_millis(5),
+        max: Duration::from_millis(20),
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+/// Expects one request, checks it, answers it; returns the request body.
+async fn expect(handle: &mut Handle, method: Method, path: &str, code: u16, reply: Value) -> Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("a request")
+        .expect("service not called");
+    assert_eq!(req.method(), method, "{}", req.uri());
+    assert_eq!(req.uri().path(), path);
+    let body = req.into_body().collect_bytes().await.unwrap();
+    send.send_response(
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+            .unwrap(),
+    );
+    if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
+async fn no_more_requests(handle: &mut Handle) {
+    let next = tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await;
+    assert!(
+        next.is_err() || next.unwrap().is_none(),
+        "unexpected extra request"
+    );
+}
+
+fn launch(policy: &str) -> Launch {
+    let yaml = format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: web, namespace: apps, uid: h-uid-1}}
+spec:
+  routes:
+    - name: deploy
+      on: user:deploy
+      concurrencyPolicy: {policy}
+      job:
+        spec:
+          template:
+            spec:
+              restartPolicy: Never
+              containers: [{{name: c, image: busybox, args: ["$(SERF_PAYLOAD)"]}}]
+"#
+    );
+    let handlers = parse_handlers(&yaml, Path::new("t.yaml")).unwrap();
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let node = SelfNode {
+        name: "n1".into(),
+        tags: [("role".to_string(), "web".to_string())].into(),
+    };
+    let mut active = std::collections::BTreeMap::new();
+    active.insert(
+        ("apps".to_string(), "web".to_string(), "deploy".to_string()),
+        vec!["web-deploy-old".to_string()],
+    );
+    let outcome = engine.route(
+        &Event::User(UserEvent {
+            ltime: 42,
+            name: "deploy".into(),
+            payload: b"v1.2.3".to_vec(),
+            coalesce: false,
+        }),
+        &Context {
+            node: &node,
+            pod: ("", ""),
+            active: &active,
+            now: SystemTime::UNIX_EPOCH,
+            replayed: false,
+        },
+    );
+    match outcome.actions.into_iter().next() {
+        Some(Action::Launch(l)) => *l,
+        other => panic!("{other:?}"),
+    }
+}
+
+const JOBS: &str = "/apis/batch/v1/namespaces/apps/jobs";
+const SECRETS: &str = "/api/v1/namespaces/apps/secrets";
+
+#[tokio::test]
+async fn creates_the_job_then_its_secret_owned_by_it() {
+    let (client, mut h) = mock();
+    let l = launch("Allow");
+    let name = l.job.metadata.name.clone().unwrap();
+    let task = tokio::spawn({
+        let l = l.clone();
+        async move { Launcher::new(client, fast()).launch(&l).await }
+    });
+    let mut created = serde_json::to_value(&l.job).unwrap();
+    created["metadata"]["uid"] = json!("job-uid-7");
+    let body = expect(&mut h, Method::POST, JOBS, 201, created).await;
+    // The exact body: the engine's Job, nothing added or lost on the way.
+    assert_eq!(body, serde_json::to_value(&l.job).unwrap());
+    assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "h-uid-1");
+    assert_eq!(
+        body["metadata"]["ownerReferences"][0]["kind"],
+        "SerfHandler"
+    );
+    let env = &body["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .contains(&json!({"name": "SERF_PAYLOAD", "value": "v1.2.3"}))
+    );
+
+    let secret = expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
+    assert_eq!(secret["metadata"]["name"], name.as_str());
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "job-uid-7");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "Job");
+    assert_eq!(secret["data"]["stdin"], "djEuMi4zCg==");
+    assert_eq!(task.await.unwrap(), LaunchResult::Created { name });
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn conflict_means_already_launched_and_the_secret_is_ensured() {
+    let (client, mut h) = mock();
+    let l = launch("Allow");
+    let name = l.job.metadata.name.clone().unwrap();
+    let task = tokio::spawn({
+        let l = l.clone();
+        async move { Launcher::new(client, fast()).launch(&l).await }
+    });
+    expect(
+        &mut h,
+        Method::POST,
+        JOBS,
+        409,
+        status(409, "AlreadyExists", "jobs.batch exists"),
+    )
+    .await;
+    let mut existing = serde_json::to_value(&l.job).unwrap();
+    existing["metadata"]["uid"] = json!("job-uid-old");
+    expect(
+        &mut h,
+        Method::GET,
+        &format!("{JOBS}/{name}"),
+        200,
+        existing,
+    )
+    .await;
+    let secret = expect(
+        &mut h,
+        Method::POST,
+        SECRETS,
+        409,
+        status(409, "AlreadyExists", "exists"),
+    )
+    .await;
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["uid"],
+        "job-uid-old"
+    );
+    assert_eq!(task.await.unwrap(), LaunchResult::AlreadyLaunched { name });
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_reported() {
+    let (client, mut h) = mock();
+    let l = launch("Allow");
+    let name = l.job.metadata.name.clone().unwrap();
+    let task = tokio::spawn({
+        let l = l.clone();
+        let client = client.clone();
+        async move { Launcher::new(client, fast()).launch(&l).await }
+    });
+    expect(
+        &mut h,
+        Method::POST,
+        JOBS,
+        500,
+        status(500, "InternalError", "etcd down"),
+    )
+    .await;
+    expect(
+        &mut h,
+        Method::POST,
+        JOBS,
+        429,
+        status(429, "TooManyRequests", "slow down"),
+    )
+    .await;
+    let mut created = serde_json::to_value(&l.job).unwrap();
+    created["metadata"]["uid"] = json!("u");
+    expect(&mut h, Method::POST, JOBS, 201, created).await;
+    expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
+    assert_eq!(
+        task.await.unwrap(),
+        LaunchResult::Created { name: name.clone() }
+    );
+
+    // Three 500s in a row: the attempts run out and the failure says so.
+    let task = tokio::spawn({
+        let l = l.clone();
+        async move { Launcher::new(client, fast()).launch(&l).await }
+    });
+    for _ in 0..3 {
+        expect(
+            &mut h,
+            Method::POST,
+            JOBS,
+            503,
+            status(503, "ServiceUnavailable", "down"),
+        )
+        .await;
+    }
+    assert_eq!(
+        task.await.unwrap(),
+        LaunchResult::Failed {
+            name,
+            code: Some(503),
+            message: "down".into(),
+            retried: true
+        }
+    );
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn an_invalid_template_is_final_and_not_retried() {
+    let (client, mut h) = mock();
+    let l = launch("Allow");
+    let name = l.job.metadata.name.clone().unwrap();
+    let task = tokio::spawn({
+        let l = l.clone();
+        async move { Launcher::new(client, fast()).launch(&l).await }
+    });
+    let msg = "Job.batch \"x\" is invalid: spec.template.spec.containers[0].image: Required value";
+    expect(&mut h, Method::POST, JOBS, 422, status(422, "Invalid", msg)).await;
+    assert_eq!(
+        task.await.unwrap(),
+        LaunchResult::Failed {
+            name,
+            code: Some(422),
+            message: msg.into(),
+            retried: false
+        }
+    );
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn replace_deletes_the_active_job_first() {
+    let (client, mut h) = mock();
+    let l = launch("Replace");
+    assert_eq!(l.replace, ["web-deploy-old"]);
+    let task = tokio::spawn({
+        let l = l.clone();
+        async move { Launcher::new(client, fast()).launch(&l).await }
+    });
+    let del = expect(&mut h, Method::DELETE, &format!("{JOBS}/web-deploy-old"), 200, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200})).await;
+    assert_eq!(del["propagationPolicy"], "Background");
+    let mut created = serde_json::to_value(&l.job).unwrap();
+    created["metadata"]["uid"] = json!("u");
+    expect(&mut h, Method::POST, JOBS, 201, created).await;
+    expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
+    assert!(matches!(task.await.unwrap(), LaunchResult::Created { .. }));
+}
