@@ -76,15 +76,15 @@ pub struct SerfHandlerSpec {
 )]
 #[x_kube(
     validation = kube::core::Rule::new(
-        "!has(self.respond) || self.on.matches('^query(:[^,]+)?(,query(:[^,]+)?)*$')"
+        "!has(self.respond) || self.events.matches('^query(:[^,]+)?(,query(:[^,]+)?)*$')"
     )
-    .message("respond answers queries only: its route's `on` must list only query or query:NAME")
+    .message("respond answers queries only: its route's `events` must list only query or query:NAME")
 )]
 #[x_kube(
     validation = kube::core::Rule::new(
-        "!has(self.members) || self.on.matches('^(member-[a-z*]+)(,member-[a-z*]+)*$')"
+        "!has(self.members) || self.events.matches('^(member-[a-z*]+)(,member-[a-z*]+)*$')"
     )
-    .message("members filters apply to member events only: `on` must list only member-* events")
+    .message("members filters apply to member events only: `events` must list only member-* events")
 )]
 pub struct Route {
     /// The route's name: a DNS label, unique in the handler. It appears in Job names, labels
@@ -99,7 +99,7 @@ pub struct Route {
     /// `member-leave`, `member-failed`, `member-update`, `member-reap`, `member-*`, `user`,
     /// `user:NAME`, `query`, `query:NAME`, `*`; several separated by commas, no spaces.
     #[schemars(length(min = 1, max = 1024), regex(pattern = schema::EVENT_FILTER_PATTERN))]
-    pub on: String,
+    pub events: String,
 
     /// For member events: anchored regular expressions on the tags of each member in the
     /// event, e.g. `{role: db}`. The route acts on the members that match; an event none of

@@ -97,16 +97,16 @@ fn job() -> Value {
 fn handler_rules() {
     let schema = schema_of(&SerfHandler::crd());
     check(&schema, handler(json!([
-        {"name": "deploy", "on": "user:deploy", "job": job()},
-        {"name": "where", "on": "query:where", "respond": {"payload": "$(SERF_SELF_NAME)"}},
-        {"name": "db-failed", "on": "member-failed,member-leave", "members": {"role": "db"}, "coalesce": "10s", "job": job()},
+        {"name": "deploy", "events": "user:deploy", "job": job()},
+        {"name": "where", "events": "query:where", "respond": {"payload": "$(SERF_SELF_NAME)"}},
+        {"name": "db-failed", "events": "member-failed,member-leave", "members": {"role": "db"}, "coalesce": "10s", "job": job()},
     ]))).unwrap();
 
     let err = check(
         &schema,
         handler(json!([
-            {"name": "a", "on": "user", "job": job()},
-            {"name": "a", "on": "query", "respond": {"payload": "x"}},
+            {"name": "a", "events": "user", "job": job()},
+            {"name": "a", "events": "query", "respond": {"payload": "x"}},
         ])),
     )
     .unwrap_err();
@@ -115,18 +115,18 @@ fn handler_rules() {
     let err = check(
         &schema,
         handler(json!([
-            {"name": "a", "on": "query", "job": job(), "respond": {"payload": "x"}},
+            {"name": "a", "events": "query", "job": job(), "respond": {"payload": "x"}},
         ])),
     )
     .unwrap_err();
     assert!(err.contains("exactly one action"), "{err}");
-    let err = check(&schema, handler(json!([{"name": "a", "on": "query"}]))).unwrap_err();
+    let err = check(&schema, handler(json!([{"name": "a", "events": "query"}]))).unwrap_err();
     assert!(err.contains("exactly one action"), "{err}");
 
     let err = check(
         &schema,
         handler(json!([
-            {"name": "a", "on": "user:deploy", "respond": {"payload": "x"}},
+            {"name": "a", "events": "user:deploy", "respond": {"payload": "x"}},
         ])),
     )
     .unwrap_err();
@@ -135,7 +135,7 @@ fn handler_rules() {
     let err = check(
         &schema,
         handler(json!([
-            {"name": "a", "on": "user:deploy", "members": {"role": "db"}, "job": job()},
+            {"name": "a", "events": "user:deploy", "members": {"role": "db"}, "job": job()},
         ])),
     )
     .unwrap_err();

@@ -231,10 +231,10 @@ impl Router {
                 );
                 continue;
             }
-            let filter = match EventFilter::parse(&r.on) {
+            let filter = match EventFilter::parse(&r.events) {
                 Ok(f) => f,
                 Err(e) => {
-                    err(&name, format!("on: {e}"));
+                    err(&name, format!("events: {e}"));
                     continue;
                 }
             };
@@ -259,7 +259,7 @@ impl Router {
                 continue;
             }
             if r.members.is_some() && !member_only {
-                err(&name, "members filters apply to member events only; `on` must list only member events".into());
+                err(&name, "members filters apply to member events only; `events` must list only member events".into());
                 continue;
             }
             let coalesce = match r.coalesce.as_deref().map(parse_duration).transpose() {
@@ -272,7 +272,7 @@ impl Router {
             if coalesce.is_some() && !member_only {
                 err(
                     &name,
-                    "coalesce applies to member events only; `on` must list only member events"
+                    "coalesce applies to member events only; `events` must list only member events"
                         .into(),
                 );
                 continue;
@@ -304,7 +304,7 @@ impl Router {
                     if !query_only {
                         err(
                             &name,
-                            "respond answers queries only; `on` must list only query or query:NAME"
+                            "respond answers queries only; `events` must list only query or query:NAME"
                                 .into(),
                         );
                         continue;
@@ -335,6 +335,29 @@ impl Router {
             routes,
             usable,
         }
+    }
+
+    /// Whether a handler's member filters select `m`: any route's `members` filters match,
+    /// or the handler has none.
+    pub fn selects_member(&self, handler: &HandlerRef, m: &Member) -> bool {
+        let Some(h) = self
+            .handlers
+            .iter()
+            .find(|h| h.handler.namespace == handler.namespace && h.handler.name == handler.name)
+        else {
+            return false;
+        };
+        let filters: Vec<&Vec<(String, Regex)>> = h
+            .routes
+            .iter()
+            .map(|r| &r.members)
+            .filter(|f| !f.is_empty())
+            .collect();
+        filters.is_empty()
+            || filters.iter().any(|f| {
+                f.iter()
+                    .all(|(k, re)| m.tags.get(k).is_some_and(|v| re.is_match(v)))
+            })
     }
 
     /// The routes whose filter takes an event of `kind` named `name`, in handler order,

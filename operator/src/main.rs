@@ -54,6 +54,49 @@ enum Command {
         #[arg(long, default_value = "")]
         self_tags: String,
     },
+    /// Run the operator on Kubernetes: follow the Serf agent, create Jobs for SerfHandlers,
+    /// answer queries, write status. Uses the kubeconfig, or the in-cluster config.
+    Run {
+        /// The agent's RPC address.
+        #[arg(long, env = "SERF_RPC_ADDR", default_value = serf_client::DEFAULT_RPC_ADDR)]
+        rpc_addr: String,
+        /// The agent's RPC auth key (never logged).
+        #[arg(long, env = "SERF_RPC_AUTH", hide_env_values = true)]
+        rpc_auth: Option<String>,
+        /// A file holding the agent's RPC auth key (e.g. a mounted Secret).
+        #[arg(long, env = "SERF_RPC_AUTH_FILE")]
+        rpc_auth_file: Option<PathBuf>,
+        /// Namespaces to watch, comma-separated; empty: all.
+        #[arg(
+            long,
+            env = "SERF_OPERATOR_NAMESPACES",
+            value_delimiter = ',',
+            default_value = ""
+        )]
+        namespaces: Vec<String>,
+        /// Events buffered between the agent's stream and the router.
+        #[arg(long, env = "SERF_OPERATOR_QUEUE_SIZE", default_value_t = 4096)]
+        queue_size: usize,
+        /// Concurrent Job creates.
+        #[arg(long, env = "SERF_OPERATOR_WORKERS", default_value_t = 8)]
+        workers: usize,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(
+            long,
+            env = "SERF_OPERATOR_METRICS_ADDR",
+            default_value = "0.0.0.0:8080"
+        )]
+        metrics_addr: std::net::SocketAddr,
+        /// Namespace for the operator's own state (the membership record).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        state_namespace: String,
+        /// This pod's name.
+        #[arg(long, env = "POD_NAME", default_value = "")]
+        pod_name: String,
+        /// Log format: text or json.
+        #[arg(long, env = "SERF_OPERATOR_LOG_FORMAT", default_value = "text")]
+        log_format: String,
+    },
     /// Follow a live Serf agent: route every event through SerfHandler manifests, print the
     /// results as YAML, and answer queries for `respond` routes.
     Local {
@@ -71,14 +114,71 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = matches!(&cli.command, Command::Run { log_format, .. } if log_format == "json");
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    }
     match cli.command {
+        Command::Run {
+            rpc_addr,
+            rpc_auth,
+            rpc_auth_file,
+            namespaces,
+            queue_size,
+            workers,
+            metrics_addr,
+            state_namespace,
+            pod_name,
+            log_format,
+        } => {
+            if log_format != "text" && log_format != "json" {
+                anyhow::bail!("--log-format must be text or json, not {log_format:?}");
+            }
+            let mut serf = ClientConfig::new(rpc_addr);
+            serf.auth = match (rpc_auth.filter(|k| !k.is_empty()), rpc_auth_file) {
+                (Some(k), _) => Some(k),
+                (None, Some(f)) => Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading the RPC auth key from {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                (None, None) => None,
+            };
+            let cfg = serf_operator::run::RunConfig {
+                serf,
+                namespaces: namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+                queue_size,
+                workers,
+                metrics_addr,
+                pod_namespace: state_namespace.clone(),
+                state_namespace,
+                pod_name,
+                flush_interval: std::time::Duration::from_secs(1),
+                shutdown_grace: std::time::Duration::from_secs(10),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to Kubernetes (kubeconfig or in-cluster config)")?;
+                serf_operator::run::run(client, cfg, shutdown_signal()).await
+            })
+        }
         Command::Crds { out } => write_crds(out),
         Command::Route {
             handlers,

@@ -137,7 +137,7 @@ fn bad_input_is_named() {
     // An invalid route is a warning naming it; the other routes still route.
     std::fs::write(
         &bad,
-        "apiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {name: h, namespace: n}\nspec:\n  routes:\n  - {name: ok, on: 'query:q', respond: {payload: yes}}\n  - {name: broken, on: 'user:x', members: {role: db}, respond: {payload: no}}\n",
+        "apiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {name: h, namespace: n}\nspec:\n  routes:\n  - {name: ok, events: 'query:q', respond: {payload: yes}}\n  - {name: broken, events: 'user:x', members: {role: db}, respond: {payload: no}}\n",
     )
     .unwrap();
     let (ok, out, err) = run(&[

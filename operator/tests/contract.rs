@@ -20,7 +20,7 @@ metadata: {name: all, namespace: test}
 spec:
   routes:
     - name: all
-      on: "*"
+      events: "*"
       job:
         spec:
           template:

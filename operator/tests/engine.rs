@@ -258,7 +258,7 @@ metadata: {{name: m, namespace: ops}}
 spec:
   routes:
     - name: failed
-      on: member-failed,member-join
+      events: member-failed,member-join
 {JOB}
 "#
     ));
@@ -399,7 +399,7 @@ metadata: {{name: r, namespace: ns}}
 spec:
   routes:
     - name: go
-      on: user:go
+      events: user:go
       concurrencyPolicy: Replace
 {JOB}
 "#
@@ -449,7 +449,7 @@ metadata: {{name: q, namespace: ns}}
 spec:
   routes:
     - name: run
-      on: query:build
+      events: query:build
 {JOB}
 ---
 apiVersion: serf.operator.io/v1alpha1
@@ -458,10 +458,10 @@ metadata: {{name: big, namespace: ns}}
 spec:
   routes:
     - name: huge
-      on: query:huge
+      events: query:huge
       respond: {{payload: "$(SERF_PAYLOAD)$(SERF_PAYLOAD)"}}
     - name: second
-      on: query:huge
+      events: query:huge
       respond: {{payload: "second"}}
 "#
     ));
@@ -506,30 +506,30 @@ metadata: {{name: mixed, namespace: ns}}
 spec:
   routes:
     - name: good
-      on: user:good
+      events: user:good
 {JOB}
     - name: bad-filter
-      on: "user, query"
+      events: "user, query"
 {JOB}
     - name: bad-regex
-      on: member-join
+      events: member-join
       members: {{role: "db("}}
 {JOB}
     - name: good
-      on: user:dup
+      events: user:dup
 {JOB}
     - name: both
-      on: query
+      events: query
       respond: {{payload: x}}
 {JOB}
     - name: respond-user
-      on: user:x
+      events: user:x
       respond: {{payload: x}}
     - name: empty-job
-      on: user:y
+      events: user:y
       job: {{spec: {{template: {{spec: {{containers: []}}}}}}}}
     - name: typo
-      on: user:z
+      events: user:z
       job: {{spec: {{template: {{spec: {{containers: "nope"}}}}}}}}
 ---
 apiVersion: serf.operator.io/v1alpha1
@@ -539,7 +539,7 @@ spec:
   role: "web("
   routes:
     - name: r
-      on: user:good
+      events: user:good
 {JOB}
 "#
     ));
@@ -552,7 +552,7 @@ spec:
         .collect();
     let expect = [
         "SerfHandler ns/badrole: role: regex",
-        "SerfHandler ns/mixed route bad-filter: on: invalid request: invalid event filter item \" query\"",
+        "SerfHandler ns/mixed route bad-filter: events: invalid request: invalid event filter item \" query\"",
         "SerfHandler ns/mixed route bad-regex: members.role: regex \"db(\" does not compile",
         "SerfHandler ns/mixed route good: duplicate route name",
         "SerfHandler ns/mixed route both: a route needs exactly one action",
@@ -598,7 +598,7 @@ spec:
   selfTags: {{dc: "eu-.*"}}
   routes:
     - name: any
-      on: "*"
+      events: "*"
 {JOB}
 "#
     ));
@@ -653,7 +653,7 @@ fn index_matches_a_full_scan() {
     let mut yaml = String::new();
     for (i, f) in filters.iter().enumerate() {
         yaml.push_str(&format!(
-            "---\napiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {{name: h{i:02}, namespace: ns}}\nspec:\n  routes:\n    - name: r\n      on: \"{f}\"\n{JOB}\n"
+            "---\napiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {{name: h{i:02}, namespace: ns}}\nspec:\n  routes:\n    - name: r\n      events: \"{f}\"\n{JOB}\n"
         ));
     }
     let hs = handler(&yaml);

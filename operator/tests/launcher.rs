@@ -74,7 +74,7 @@ metadata: {{name: web, namespace: apps, uid: h-uid-1}}
 spec:
   routes:
     - name: deploy
-      on: user:deploy
+      events: user:deploy
       concurrencyPolicy: {policy}
       job:
         spec:

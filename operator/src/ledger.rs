@@ -1,0 +1,267 @@
+//! The record that keeps an event from launching twice after its Job is gone.
+//!
+//! A Job's deterministic name makes a second create fail with 409 only while the Job exists.
+//! History pruning and `ttlSecondsAfterFinished` delete Jobs, and Serf can deliver an event
+//! again later (an agent joining with `-replay` re-delivers up to 512 past user events). So
+//! every launched Job's name is also recorded, per handler, in a ConfigMap
+//! `<handler>-serf-launched` in the handler's namespace (owned by the handler). An entry is
+//! kept while it is younger than the horizon (7 days by default) or among the newest 2,048
+//! of the handler; both bounds exceed what Serf can replay. A name in the ledger is not
+//! launched again. Also persisted here: the membership last acted on.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::engine::Membership;
+use crate::jobs::HandlerRef;
+
+/// Field manager of everything the operator writes with server-side apply.
+pub const FIELD_MANAGER: &str = "serf-operator";
+/// Entries kept per handler regardless of age.
+pub const KEEP_NEWEST: usize = 2048;
+/// Entries younger than this (seconds) are kept regardless of count.
+pub const HORIZON_SECS: i64 = 7 * 24 * 3600;
+const DATA_KEY: &str = "launched";
+
+/// The ConfigMap name of a handler's ledger.
+pub fn ledger_name(handler: &str) -> String {
+    let mut base = handler.to_string();
+    base.truncate(253 - "-serf-launched".len());
+    format!("{base}-serf-launched")
+}
+
+#[derive(Default)]
+struct HandlerLedger {
+    /// Job name → launch time (unix seconds).
+    entries: BTreeMap<String, i64>,
+    loaded: bool,
+    dirty: bool,
+}
+
+/// Launched Job names by handler.
+#[derive(Default)]
+pub struct Ledger {
+    handlers: BTreeMap<(String, String), HandlerLedger>,
+}
+
+impl Ledger {
+    /// Whether the handler's ledger has been read from the cluster.
+    pub fn is_loaded(&self, h: &HandlerRef) -> bool {
+        self.handlers
+            .get(&(h.namespace.clone(), h.name.clone()))
+            .is_some_and(|l| l.loaded)
+    }
+
+    /// Merges what was read from the cluster.
+    pub fn load(&mut self, h: &HandlerRef, text: &str) {
+        let l = self
+            .handlers
+            .entry((h.namespace.clone(), h.name.clone()))
+            .or_default();
+        for line in text.lines() {
+            if let Some((name, t)) = line.split_once(' ')
+                && let Ok(t) = t.parse()
+            {
+                l.entries.entry(name.to_string()).or_insert(t);
+            }
+        }
+        l.loaded = true;
+    }
+
+    /// Whether `job` was launched before.
+    pub fn contains(&self, h: &HandlerRef, job: &str) -> bool {
+        self.handlers
+            .get(&(h.namespace.clone(), h.name.clone()))
+            .is_some_and(|l| l.entries.contains_key(job))
+    }
+
+    /// Records a launch.
+    pub fn record(&mut self, h: &HandlerRef, job: &str, now: i64) {
+        let l = self
+            .handlers
+            .entry((h.namespace.clone(), h.name.clone()))
+            .or_default();
+        if l.entries.insert(job.to_string(), now).is_none() {
+            l.dirty = true;
+        }
+    }
+
+    /// Drops what is both older than the horizon and beyond the newest [`KEEP_NEWEST`].
+    fn compact(l: &mut HandlerLedger, now: i64) {
+        if l.entries.len() <= KEEP_NEWEST {
+            return;
+        }
+        let mut by_time: Vec<(i64, String)> =
+            l.entries.iter().map(|(n, t)| (*t, n.clone())).collect();
+        by_time.sort_unstable_by(|a, b| b.cmp(a));
+        let keep: BTreeSet<String> = by_time
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (t, _))| *i < KEEP_NEWEST || now - *t < HORIZON_SECS)
+            .map(|(_, (_, n))| n)
+            .collect();
+        l.entries.retain(|n, _| keep.contains(n));
+    }
+
+    /// The ledgers changed since the last call, rendered for writing.
+    pub fn take_dirty(&mut self, now: i64) -> Vec<((String, String), String)> {
+        let mut out = Vec::new();
+        for (k, l) in &mut self.handlers {
+            if !l.dirty {
+                continue;
+            }
+            Self::compact(l, now);
+            l.dirty = false;
+            let text: String = l
+                .entries
+                .iter()
+                .map(|(n, t)| format!("{n} {t}\n"))
+                .collect();
+            out.push((k.clone(), text));
+        }
+        out
+    }
+
+    /// Marks a ledger as not written (after a failed write).
+    pub fn mark_dirty(&mut self, k: &(String, String)) {
+        if let Some(l) = self.handlers.get_mut(k) {
+            l.dirty = true;
+        }
+    }
+}
+
+/// Reads a handler's ledger ConfigMap (empty when absent).
+///
+/// # Errors
+/// Any API error but 404.
+pub async fn read_ledger(client: &Client, h: &HandlerRef) -> Result<String, kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &h.namespace);
+    Ok(api
+        .get_opt(&ledger_name(&h.name))
+        .await?
+        .and_then(|cm| cm.data)
+        .and_then(|mut d| d.remove(DATA_KEY))
+        .unwrap_or_default())
+}
+
+/// Writes a handler's ledger ConfigMap (server-side apply), owned by the handler.
+///
+/// # Errors
+/// The API error.
+pub async fn write_ledger(client: &Client, h: &HandlerRef, text: &str) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &h.namespace);
+    let mut meta = json!({
+        "name": ledger_name(&h.name),
+        "namespace": h.namespace,
+        "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY,
+                   crate::jobs::LABEL_HANDLER: crate::naming::label_value(&h.name)},
+    });
+    if let Some(uid) = &h.uid {
+        meta["ownerReferences"] = json!([{
+            "apiVersion": format!("{}/{}", serf_operator_crds::GROUP, serf_operator_crds::VERSION),
+            "kind": "SerfHandler", "name": h.name, "uid": uid,
+        }]);
+    }
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {DATA_KEY: text}});
+    api.patch(
+        &ledger_name(&h.name),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(cm),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Name of the ConfigMap holding the membership last acted on.
+pub const MEMBERSHIP_CONFIGMAP: &str = "serf-operator-membership";
+
+/// Reads the persisted membership (empty when absent).
+///
+/// # Errors
+/// Any API error but 404, or a record that does not decode.
+pub async fn read_membership(client: &Client, namespace: &str) -> anyhow::Result<Membership> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    match api
+        .get_opt(MEMBERSHIP_CONFIGMAP)
+        .await?
+        .and_then(|cm| cm.data)
+        .and_then(|mut d| d.remove("membership.json"))
+    {
+        Some(text) => Ok(serde_json::from_str(&text)?),
+        None => Ok(Membership::default()),
+    }
+}
+
+/// Persists the membership last acted on.
+///
+/// # Errors
+/// The API error.
+pub async fn write_membership(
+    client: &Client,
+    namespace: &str,
+    m: &Membership,
+) -> anyhow::Result<()> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": MEMBERSHIP_CONFIGMAP, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}},
+        "data": {"membership.json": serde_json::to_string(m)?},
+    });
+    api.patch(
+        MEMBERSHIP_CONFIGMAP,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(cm),
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h() -> HandlerRef {
+        HandlerRef {
+            namespace: "n".into(),
+            name: "h".into(),
+            uid: None,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_compaction_keeps_the_horizon() {
+        let mut l = Ledger::default();
+        let now = 1_000_000_000;
+        for i in 0..(KEEP_NEWEST + 100) {
+            // 100 old ones beyond the horizon, the rest recent
+            let t = if i < 100 {
+                now - HORIZON_SECS - 10
+            } else {
+                now - 5
+            };
+            l.record(&h(), &format!("job-{i:05}"), t);
+        }
+        let written = l.take_dirty(now);
+        assert_eq!(written.len(), 1);
+        let mut back = Ledger::default();
+        back.load(&h(), &written[0].1);
+        assert!(back.contains(&h(), "job-00100"));
+        assert!(
+            !back.contains(&h(), "job-00000"),
+            "old entries beyond the newest are dropped"
+        );
+        assert_eq!(written[0].1.lines().count(), KEEP_NEWEST);
+        // Young entries are kept even past the count.
+        let mut young = Ledger::default();
+        for i in 0..(KEEP_NEWEST + 10) {
+            young.record(&h(), &format!("y-{i}"), now - 1);
+        }
+        assert_eq!(young.take_dirty(now)[0].1.lines().count(), KEEP_NEWEST + 10);
+        assert!(young.take_dirty(now).is_empty());
+    }
+}

@@ -1,0 +1,221 @@
+//! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Label set with one `kind` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Serf event type.
+    pub kind: String,
+}
+
+/// Label set with one `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// no_route, filtered, concurrency, overflow, duplicate.
+    pub reason: String,
+}
+
+/// Label set with one `code` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// HTTP status, or `transport`.
+    pub code: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Events received from the agent, by type.
+    pub events_received: Family<KindLabel, Counter>,
+    /// Events at least one route acted on.
+    pub events_routed: Counter,
+    /// Events or route matches not acted on, by reason.
+    pub events_dropped: Family<ReasonLabel, Counter>,
+    /// Jobs created.
+    pub jobs_created: Counter,
+    /// Job creates that failed, by HTTP status.
+    pub job_create_errors: Family<CodeLabel, Counter>,
+    /// From the stream record's arrival to the created Job, seconds.
+    pub event_to_job_seconds: Histogram,
+    /// Queries answered.
+    pub queries_answered: Counter,
+    /// Events waiting in the internal queue.
+    pub queue_depth: Gauge,
+    /// 1 while the Serf agent connection is up.
+    pub serf_connected: Gauge,
+    /// Reconnections to the agent.
+    pub serf_reconnects: Counter,
+    ready_serf: AtomicBool,
+    ready_caches: AtomicBool,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered under `serf_operator_`.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("serf_operator");
+        let m = Metrics {
+            events_received: Family::default(),
+            events_routed: Counter::default(),
+            events_dropped: Family::default(),
+            jobs_created: Counter::default(),
+            job_create_errors: Family::default(),
+            event_to_job_seconds: Histogram::new(
+                [
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]
+                .into_iter(),
+            ),
+            queries_answered: Counter::default(),
+            queue_depth: Gauge::default(),
+            serf_connected: Gauge::default(),
+            serf_reconnects: Counter::default(),
+            ready_serf: AtomicBool::new(false),
+            ready_caches: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "events_received",
+            "Serf events received, by type",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "events_routed",
+            "Serf events at least one route acted on",
+            m.events_routed.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Events or route matches not acted on, by reason (no_route, filtered, concurrency, overflow, duplicate)",
+            m.events_dropped.clone(),
+        );
+        registry.register("jobs_created", "Jobs created", m.jobs_created.clone());
+        registry.register(
+            "job_create_errors",
+            "Failed Job creates, by HTTP status",
+            m.job_create_errors.clone(),
+        );
+        registry.register(
+            "event_to_job_seconds",
+            "Time from a Serf event's arrival to its Job's creation",
+            m.event_to_job_seconds.clone(),
+        );
+        registry.register(
+            "queries_answered",
+            "Serf queries answered",
+            m.queries_answered.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Events waiting in the internal queue",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "serf_connected",
+            "1 while connected to the Serf agent",
+            m.serf_connected.clone(),
+        );
+        registry.register(
+            "serf_reconnects",
+            "Reconnections to the Serf agent",
+            m.serf_reconnects.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Counts a dropped event or route match.
+    pub fn dropped(&self, reason: &str) {
+        self.events_dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records the Serf link's state (for `/readyz` and `serf_connected`).
+    pub fn set_serf_ready(&self, up: bool) {
+        self.ready_serf.store(up, Ordering::Relaxed);
+        self.serf_connected.set(i64::from(up));
+    }
+
+    /// Records that the caches have synced.
+    pub fn set_caches_ready(&self, ready: bool) {
+        self.ready_caches.store(ready, Ordering::Relaxed);
+    }
+
+    /// True while the Serf link is up and the caches are synced.
+    pub fn is_ready(&self) -> bool {
+        self.ready_serf.load(Ordering::Relaxed) && self.ready_caches.load(Ordering::Relaxed)
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read the request head (bounded); the body, if any, is ignored.
+            while len < buf.len() {
+                let read = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf[len..]),
+                )
+                .await;
+                match read {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => len += n,
+                }
+                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (code, ctype, body) = match path.split('?').next().unwrap_or("") {
+                "/metrics" => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(),
+                ),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/readyz" if metrics.is_ready() => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/readyz" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: the Serf link is down or the caches have not synced\n".to_string(),
+                ),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
