@@ -70,12 +70,9 @@ impl Metrics {
             events_dropped: Family::default(),
             jobs_created: Counter::default(),
             job_create_errors: Family::default(),
-            event_to_job_seconds: Histogram::new(
-                [
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]
-                .into_iter(),
-            ),
+            event_to_job_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             queries_answered: Counter::default(),
             queue_depth: Gauge::default(),
             serf_connected: Gauge::default(),

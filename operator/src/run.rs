@@ -349,7 +349,7 @@ pub async fn run(
                 router.sync_handlers();
                 router.flush_coalesced();
                 router.write_state().await;
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     router.prune().await;
                 }
             }
@@ -390,6 +390,11 @@ fn href(h: &SerfHandler) -> HandlerRef {
         uid: h.metadata.uid.clone(),
     }
 }
+
+/// (namespace, handler label, route label).
+type RouteKey = (String, String, String);
+/// (succeeded, finish time, name).
+type FinishedJob = (bool, String, String);
 
 struct Router {
     client: Client,
@@ -887,8 +892,7 @@ impl Router {
     /// its name is in the launch ledger, so its event cannot launch it again.
     async fn prune(&mut self) {
         let handlers = self.handlers();
-        let mut by_route: BTreeMap<(String, String, String), Vec<(bool, String, String)>> =
-            BTreeMap::new();
+        let mut by_route: BTreeMap<RouteKey, Vec<FinishedJob>> = BTreeMap::new();
         for j in self.job_stores.iter().flat_map(|s| s.state()) {
             if let (Some(key), Some((ok, t)), Some(name)) =
                 (route_of(&j), finished(&j), j.metadata.name.clone())
@@ -926,7 +930,7 @@ impl Router {
                     continue;
                 };
                 for (want_ok, keep) in [(true, keep_ok), (false, keep_failed)] {
-                    let mut done: Vec<&(bool, String, String)> =
+                    let mut done: Vec<&FinishedJob> =
                         jobs.iter().filter(|j| j.0 == want_ok).collect();
                     done.sort_by(|a, b| b.1.cmp(&a.1));
                     for (_, _, name) in done.into_iter().skip(keep) {
