@@ -1021,7 +1021,10 @@ impl RawStream {
 
 impl Drop for RawStream {
     fn drop(&mut self) {
-        if self.tombstone() {
+        // When this stream holds the last reference, the connection closes right after:
+        // no `stop` is needed (and none is sent into a closing connection).
+        let last = Arc::strong_count(&self.client.inner) == 1;
+        if self.tombstone() && !last {
             let seq = self.client.next_seq();
             let (tx, _rx) = oneshot::channel();
             let stop = codec::encode_request(

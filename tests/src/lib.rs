@@ -1,0 +1,184 @@
+//! Support for the end-to-end suite: a real cluster from `KUBECONFIG` (or a loud skip), a
+//! temporary namespace, the CRDs installed, and the `serf-operator` binary run as a process.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+
+/// A client for the cluster `KUBECONFIG` names, or `None` after printing a loud notice that
+/// the cluster suite is skipped.
+pub async fn cluster_or_skip(suite: &str) -> Option<Client> {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        eprintln!(
+            "\n*** SKIPPED: {suite} needs a real Kubernetes cluster: set KUBECONFIG to run it ***\n"
+        );
+        return None;
+    }
+    match Client::try_default().await {
+        Ok(c) => Some(c),
+        Err(e) => panic!("KUBECONFIG is set but no cluster answers: {e}"),
+    }
+}
+
+/// A namespace deleted when dropped.
+pub struct TempNamespace {
+    /// Its name.
+    pub name: String,
+    client: Client,
+}
+
+impl TempNamespace {
+    /// Creates `serf-e2e-<tag>-<unique>`.
+    ///
+    /// # Errors
+    /// The API error.
+    pub async fn create(client: &Client, tag: &str) -> anyhow::Result<TempNamespace> {
+        let unique = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            % 1_000_000_000;
+        let name = format!("serf-e2e-{tag}-{unique}");
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+        }))?;
+        api.create(&PostParams::default(), &ns).await?;
+        Ok(TempNamespace {
+            name,
+            client: client.clone(),
+        })
+    }
+}
+
+impl Drop for TempNamespace {
+    fn drop(&mut self) {
+        if std::env::var_os("SERF_E2E_KEEP").is_some() {
+            eprintln!("keeping namespace {}", self.name);
+            return;
+        }
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let name = self.name.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            });
+        }
+    }
+}
+
+/// Installs (server-side apply) the CRDs and waits until they are established.
+///
+/// # Errors
+/// The API error, or a CRD not established within 30 s.
+pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in serf_operator_crds::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply("serf-operator-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = api.get(&name).await?;
+            let established = c
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "CRD {name} not established");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// The `serf-operator` binary, built if needed (`SERF_OPERATOR_BIN` overrides).
+///
+/// # Errors
+/// The build failing.
+pub fn operator_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SERF_OPERATOR_BIN") {
+        return Ok(p.into());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "serf-operator",
+            "--bin",
+            "serf-operator",
+        ])
+        .current_dir(&root)
+        .status()?;
+    anyhow::ensure!(status.success(), "building serf-operator failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug").join("serf-operator"))
+}
+
+/// A running `serf-operator` process, killed when dropped; its log is kept in a file.
+pub struct OperatorProcess {
+    child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts `serf-operator run` with `args` and `env`.
+    ///
+    /// # Errors
+    /// The process cannot start.
+    pub fn start(args: &[&str], env: &[(&str, String)], log: PathBuf) -> anyhow::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = Command::new(operator_binary()?);
+        cmd.arg("run").args(args).stdout(Stdio::null()).stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Ok(OperatorProcess {
+            child: cmd.spawn()?,
+            log,
+        })
+    }
+
+    /// Sends SIGTERM and waits for the exit (at most 20 s); returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        false
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,354 @@
+//! End to end on a real cluster (KUBECONFIG) with real Serf agents: the operator binary turns
+//! real events into Jobs, answers queries, writes status and Events, survives restarts
+//! without a second Job, catches up on a member failure that happened while it was down, and
+//! does not launch a replayed event again after its Job was deleted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Event as KubeEvent, Secret};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serf_client::{ClientConfig, QueryParams};
+use serf_operator_crds::SerfHandler;
+use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, install_crds};
+use serf_testkit::{Agent, AgentConfig};
+
+async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn jobs(client: &Client, ns: &str, route: &str) -> Vec<Job> {
+    let api: Api<Job> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default().labels(&format!("serf.operator.io/route={route}")))
+        .await
+        .unwrap()
+        .items
+}
+
+fn env_of(job: &Job) -> BTreeMap<String, String> {
+    job.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect()
+}
+
+fn handlers(ns: &str) -> Vec<serde_json::Value> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/handlers");
+    let mut out = Vec::new();
+    for f in ["web.yaml", "remediation.yaml", "where.yaml"] {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        let mut v: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+        v["metadata"]["namespace"] = ns.into();
+        if f == "remediation.yaml" {
+            v["spec"]["routes"][0]["coalesce"] = "2s".into();
+            // No kubelet here: Jobs never finish, so Forbid would hold back the second one.
+            v["spec"]["routes"][0]["concurrencyPolicy"] = "Allow".into();
+        }
+        out.push(v);
+    }
+    out
+}
+
+fn operator(agent: &Agent, ns: &str, metrics: u16, log: &std::path::Path) -> OperatorProcess {
+    OperatorProcess::start(
+        &[
+            "--namespaces",
+            ns,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ],
+        &[
+            ("SERF_RPC_ADDR", agent.rpc_addr().to_string()),
+            ("POD_NAMESPACE", ns.to_string()),
+            ("POD_NAME", "serf-operator-e2e".to_string()),
+            ("RUST_LOG", "info,serf_operator=debug".to_string()),
+        ],
+        log.to_path_buf(),
+    )
+    .unwrap()
+}
+
+async fn ready(metrics: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await else {
+        return false;
+    };
+    let _ = s
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf).await;
+    buf.starts_with("HTTP/1.1 200")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_on_a_real_cluster() {
+    let Some(client) = cluster_or_skip("the operator's cluster suite").await else {
+        return;
+    };
+    install_crds(&client).await.unwrap();
+    let ns = TempNamespace::create(&client, "op").await.unwrap();
+    let ns = ns.name.clone();
+    let work = tempfile_dir();
+    let log = work.join("operator.log");
+
+    let op = Agent::start(AgentConfig::new("e2e-op").tag("role", "web"), &[]).unwrap();
+    let mut db1 = Agent::start(
+        AgentConfig::new("e2e-db-1").tag("role", "db"),
+        &[op.bind_addr()],
+    )
+    .unwrap();
+    let mut db2 = Agent::start(
+        AgentConfig::new("e2e-db-2").tag("role", "db"),
+        &[op.bind_addr()],
+    )
+    .unwrap();
+    op.wait_for(Duration::from_secs(20), "3 members", |ms| ms.len() == 3)
+        .unwrap();
+
+    let hapi: Api<SerfHandler> = Api::namespaced(client.clone(), &ns);
+    for h in handlers(&ns) {
+        let name = h["metadata"]["name"].as_str().unwrap().to_string();
+        hapi.patch(&name, &PatchParams::apply("e2e").force(), &Patch::Apply(&h))
+            .await
+            .unwrap();
+    }
+
+    let metrics = serf_testkit::free_port().unwrap();
+    let mut operator_proc = operator(&op, &ns, metrics, &log);
+    eventually("/readyz", Duration::from_secs(30), || async {
+        ready(metrics).await.then_some(())
+    })
+    .await;
+
+    // The agents' joins reach the web handler's member-join route (membership diff at start).
+    eventually("member-join Job", Duration::from_secs(20), || async {
+        (!jobs(&client, &ns, "member-join").await.is_empty()).then_some(())
+    })
+    .await;
+
+    // A user event → one Job with the Serf environment and /serf/stdin.
+    let serf = serf_client::Client::connect(ClientConfig::new(op.rpc_addr().to_string()))
+        .await
+        .unwrap();
+    serf.event("deploy", b"v1.2.3", false).await.unwrap();
+    let job = eventually("deploy Job", Duration::from_secs(20), || async {
+        jobs(&client, &ns, "deploy").await.into_iter().next()
+    })
+    .await;
+    let job_name = job.metadata.name.clone().unwrap();
+    let env = env_of(&job);
+    assert_eq!(env["SERF_EVENT"], "user");
+    assert_eq!(env["SERF_USER_EVENT"], "deploy");
+    assert_eq!(env["SERF_PAYLOAD"], "v1.2.3");
+    assert_eq!(env["SERF_SELF_NAME"], "e2e-op");
+    assert_eq!(env["SERF_SELF_ROLE"], "web");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = eventually("stdin Secret", Duration::from_secs(10), || async {
+        secrets.get_opt(&job_name).await.unwrap()
+    })
+    .await;
+    assert_eq!(secret.data.unwrap()["stdin"].0, b"v1.2.3\n");
+    assert_eq!(
+        secret.metadata.owner_references.unwrap()[0].uid,
+        job.metadata.uid.clone().unwrap()
+    );
+    assert_eq!(
+        job.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "SerfHandler"
+    );
+
+    // The where query is answered inline, from another node.
+    let asker = serf_client::Client::connect(ClientConfig::new(db1.rpc_addr().to_string()))
+        .await
+        .unwrap();
+    let mut q = QueryParams::new("where", Vec::new());
+    q.timeout = Some(Duration::from_secs(2));
+    let out = asker.query(&q).await.unwrap().collect().await.unwrap();
+    assert!(
+        out.responses
+            .contains(&("e2e-op".to_string(), format!("e2e-op in {ns}").into_bytes())),
+        "{out:?}"
+    );
+
+    // Status and Events.
+    let status = eventually("web status", Duration::from_secs(10), || async {
+        let h = hapi.get("web").await.unwrap();
+        let s = h.status?;
+        let deploy = s.routes.iter().find(|r| r.name == "deploy")?;
+        (deploy.jobs_created == 1).then_some(s)
+    })
+    .await;
+    let ready_cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready_cond.status, "True");
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.members.as_ref().unwrap().total, 3);
+    let events: Api<KubeEvent> = Api::namespaced(client.clone(), &ns);
+    eventually("JobCreated Event", Duration::from_secs(10), || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("JobCreated"))
+            .then_some(())
+    })
+    .await;
+
+    // kill -9 a db member → one remediation Job with it on /serf/stdin.
+    db2.kill().unwrap();
+    let remediation = eventually("remediation Job", Duration::from_secs(60), || async {
+        jobs(&client, &ns, "db-failed").await.into_iter().next()
+    })
+    .await;
+    let stdin = secrets
+        .get(remediation.metadata.name.as_ref().unwrap())
+        .await
+        .unwrap();
+    let stdin = String::from_utf8(stdin.data.unwrap()["stdin"].0.clone()).unwrap();
+    assert!(stdin.starts_with("e2e-db-2\t127.0.0.1\tdb\t"), "{stdin:?}");
+
+    // Restart the operator: no second Job for anything already launched.
+    assert!(
+        operator_proc.terminate(),
+        "SIGTERM must end the operator with exit 0"
+    );
+    let before = jobs(&client, &ns, "deploy").await.len()
+        + jobs(&client, &ns, "db-failed").await.len()
+        + jobs(&client, &ns, "member-join").await.len();
+    operator_proc = operator(&op, &ns, metrics, &log);
+    eventually("/readyz again", Duration::from_secs(30), || async {
+        ready(metrics).await.then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = jobs(&client, &ns, "deploy").await.len()
+        + jobs(&client, &ns, "db-failed").await.len()
+        + jobs(&client, &ns, "member-join").await.len();
+    assert_eq!(before, after, "a restart must not launch anything again");
+
+    // A member fails while the operator is down → its Job once, after the restart.
+    assert!(operator_proc.terminate());
+    db1.kill().unwrap();
+    op.wait_for_status("e2e-db-1", "failed", Duration::from_secs(40))
+        .unwrap();
+    operator_proc = operator(&op, &ns, metrics, &log);
+    let caught_up = eventually(
+        "Job for the failure missed while down",
+        Duration::from_secs(60),
+        || async {
+            let js = jobs(&client, &ns, "db-failed").await;
+            (js.len() == 2).then_some(js)
+        },
+    )
+    .await;
+    let replayed = caught_up
+        .iter()
+        .find(|j| j.metadata.name != remediation.metadata.name)
+        .unwrap();
+    assert_eq!(
+        replayed
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .get("serf.operator.io/replayed")
+            .map(String::as_str),
+        Some("true")
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        jobs(&client, &ns, "db-failed").await.len(),
+        2,
+        "exactly once"
+    );
+
+    // Replay after pruning: the deploy Job is deleted (as history limits or a TTL would),
+    // then the same event comes back through a replaying join; it must not launch again.
+    let japi: Api<Job> = Api::namespaced(client.clone(), &ns);
+    japi.delete(&job_name, &DeleteParams::background())
+        .await
+        .unwrap();
+    eventually("deploy Job gone", Duration::from_secs(20), || async {
+        japi.get_opt(&job_name)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(operator_proc.terminate());
+    db1.restart(&[op.bind_addr()]).unwrap();
+    let fresh = Agent::start(AgentConfig::new("e2e-op-2").tag("role", "web"), &[]).unwrap();
+    operator_proc = operator(&fresh, &ns, metrics, &log);
+    eventually(
+        "/readyz on the fresh agent",
+        Duration::from_secs(30),
+        || async { ready(metrics).await.then_some(()) },
+    )
+    .await;
+    let fresh_client =
+        serf_client::Client::connect(ClientConfig::new(fresh.rpc_addr().to_string()))
+            .await
+            .unwrap();
+    fresh_client
+        .join(&[op.bind_addr().to_string()], true)
+        .await
+        .unwrap();
+    let skipped = eventually(
+        "the replayed deploy counted as a duplicate",
+        Duration::from_secs(30),
+        || async {
+            let h = hapi.get("web").await.unwrap();
+            let s = h.status?;
+            let r = s.routes.into_iter().find(|r| r.name == "deploy")?;
+            let last = r.last_skipped?;
+            (last.reason == "Duplicate").then_some(last)
+        },
+    )
+    .await;
+    assert!(skipped.event.starts_with("user:deploy@"), "{skipped:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        japi.get_opt(&job_name).await.unwrap().is_none(),
+        "a replayed event launched its Job again"
+    );
+    assert!(operator_proc.terminate());
+    drop(db1);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("serf-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    eprintln!("operator log: {}", dir.join("operator.log").display());
+    dir
+}
