@@ -160,6 +160,11 @@ impl OperatorProcess {
         })
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM and waits for the exit (at most 20 s); returns whether it exited 0.
     pub fn terminate(&mut self) -> bool {
         let pid = self.child.id().to_string();
