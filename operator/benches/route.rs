@@ -1,4 +1,5 @@
 //! Routing throughput of the engine with 1,000 routes across 100 handlers (no API calls).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
 use std::path::Path;
