@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{DeleteParams, PropagationPolicy};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -858,18 +858,9 @@ impl Router {
             }
         }
         for (k, status) in self.status.take_dirty() {
-            let api: Api<SerfHandler> = Api::namespaced(self.client.clone(), &k.0);
-            let patch = Patch::Merge(serde_json::json!({ "status": status }));
-            match api
-                .patch_status(&k.1, &PatchParams::default(), &patch)
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, handler = %format!("{}/{}", k.0, k.1), "cannot write status; will retry");
-                    self.status.mark_dirty(&k);
-                }
+            if let Err(e) = crate::status::write_status(&self.client, &k.0, &k.1, &status).await {
+                tracing::warn!(error = %e, handler = %format!("{}/{}", k.0, k.1), "cannot write status; will retry");
+                self.status.mark_dirty(&k);
             }
         }
         if self.membership_dirty {

@@ -5,11 +5,36 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
 use serf_client::Member;
 use serf_operator_crds::{
     LastMatched, LastSkipped, MemberItem, MembershipStatus, RouteStatus, SerfHandler,
     SerfHandlerStatus,
 };
+
+/// Writes a handler's whole status (a merge patch on the status subresource). A handler that
+/// is gone (404) is not an error.
+///
+/// # Errors
+/// Any other API error.
+pub async fn write_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &SerfHandlerStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<SerfHandler> = Api::namespaced(client.clone(), namespace);
+    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+    match api
+        .patch_status(name, &PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
 use crate::engine::RouteError;
 use crate::jobs::HandlerRef;

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
+use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::Api;
 use serf_client::ClientConfig;
 use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, install_crds};
 use serf_testkit::{Agent, AgentConfig};

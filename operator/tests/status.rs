@@ -1,0 +1,214 @@
+//! Handler status: counters and reasons per route, the Ready condition naming invalid routes,
+//! batching, and the status patch as the API server receives it (mock API, tower-test).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use serf_operator::engine::{Engine, Membership};
+use serf_operator::jobs::HandlerRef;
+use serf_operator::manifests::parse_handlers;
+use serf_operator::status::{RouteEvent, StatusBook, write_status};
+
+const HANDLERS: &str = r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {name: web, namespace: apps, generation: 4}
+spec:
+  routes:
+    - name: deploy
+      events: user:deploy
+      concurrencyPolicy: Forbid
+      job: {spec: {template: {spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}}}}
+    - name: broken
+      events: member-join
+      members: {role: "db("}
+      job: {spec: {template: {spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}}}}
+status:
+  routes:
+    - {name: deploy, matched: 10, jobsCreated: 9, skipped: 1}
+    - {name: removed-route, matched: 3}
+"#;
+
+fn web() -> HandlerRef {
+    HandlerRef {
+        namespace: "apps".into(),
+        name: "web".into(),
+        uid: None,
+    }
+}
+
+#[test]
+fn counters_reasons_and_ready_condition() {
+    let hs = parse_handlers(HANDLERS, Path::new("h.yaml")).unwrap();
+    let engine = Engine::new(&hs, Membership::default());
+    let mut book = StatusBook::default();
+    book.sync_handler(&hs[0], engine.router().errors(), "2026-11-23T10:00:00Z");
+
+    let s = book.get("apps", "web").unwrap().clone();
+    assert_eq!(s.observed_generation, Some(4));
+    assert_eq!(s.route_count, Some(2));
+    let ready = &s.conditions[0];
+    assert_eq!(
+        (
+            ready.type_.as_str(),
+            ready.status.as_str(),
+            ready.reason.as_str()
+        ),
+        ("Ready", "False", "InvalidRoutes")
+    );
+    assert!(
+        ready
+            .message
+            .contains("route broken: members.role: regex \"db(\" does not compile"),
+        "{}",
+        ready.message
+    );
+    // Counters continue from the stored status; a removed route's entry goes.
+    assert_eq!(
+        s.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["deploy", "broken"]
+    );
+    assert_eq!(s.routes[0].jobs_created, 9);
+
+    // A storm of events: one dirty entry, counted exactly.
+    let _ = book.take_dirty();
+    for i in 0..100 {
+        book.record(
+            &web(),
+            "deploy",
+            &format!("user:deploy@{i}"),
+            RouteEvent::Launched {
+                job: format!("web-deploy-{i}"),
+            },
+            "2026-11-23T10:00:01Z",
+        );
+    }
+    book.record(
+        &web(),
+        "deploy",
+        "user:deploy@100",
+        RouteEvent::Skipped {
+            reason: "ConcurrencyForbid".into(),
+            message: "Job web-deploy-99 is still active".into(),
+        },
+        "2026-11-23T10:00:02Z",
+    );
+    let invalid = "Job.batch \"web-deploy-x\" is invalid: spec.template.spec.containers[0].image: Required value";
+    book.record(
+        &web(),
+        "deploy",
+        "user:deploy@101",
+        RouteEvent::Skipped {
+            reason: "JobCreateFailed".into(),
+            message: invalid.into(),
+        },
+        "2026-11-23T10:00:03Z",
+    );
+    let dirty = book.take_dirty();
+    assert_eq!(dirty.len(), 1, "one write for the whole storm");
+    let deploy = &dirty[0].1.routes[0];
+    assert_eq!(
+        (deploy.matched, deploy.jobs_created, deploy.skipped),
+        (110, 109, 3)
+    );
+    assert_eq!(
+        deploy.last_matched.as_ref().unwrap().job.as_deref(),
+        Some("web-deploy-99")
+    );
+    let last = deploy.last_skipped.as_ref().unwrap();
+    assert_eq!(
+        (last.reason.as_str(), last.event.as_str()),
+        ("JobCreateFailed", "user:deploy@101")
+    );
+    assert_eq!(last.message.as_deref(), Some(invalid));
+    assert!(book.take_dirty().is_empty());
+
+    // Fixing the handler flips Ready and keeps the transition time honest.
+    let fixed = HANDLERS
+        .replace("members: {role: \"db(\"}", "members: {role: db}")
+        .replace("generation: 4", "generation: 5");
+    let hs2 = parse_handlers(&fixed, Path::new("h.yaml")).unwrap();
+    let engine = Engine::new(&hs2, Membership::default());
+    book.sync_handler(&hs2[0], engine.router().errors(), "2026-11-23T11:00:00Z");
+    let s = book.get("apps", "web").unwrap();
+    assert_eq!(s.conditions[0].status, "True");
+    assert_eq!(s.conditions[0].reason, "RoutesValid");
+    assert_eq!(
+        s.conditions[0].last_transition_time.0.to_string(),
+        "2026-11-23T11:00:00Z"
+    );
+    assert_eq!(s.observed_generation, Some(5));
+}
+
+#[tokio::test]
+async fn status_is_one_merge_patch_on_the_status_subresource() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let hs = parse_handlers(HANDLERS, Path::new("h.yaml")).unwrap();
+    let mut book = StatusBook::default();
+    book.sync_handler(&hs[0], &[], "2026-11-23T10:00:00Z");
+    book.record(
+        &web(),
+        "deploy",
+        "user:deploy@7",
+        RouteEvent::Launched {
+            job: "web-deploy-abc".into(),
+        },
+        "2026-11-23T10:00:01Z",
+    );
+    let (key, status) = book.take_dirty().remove(0);
+    let writer = tokio::spawn(async move { write_status(&client, &key.0, &key.1, &status).await });
+
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.method(), Method::PATCH);
+    assert_eq!(
+        req.uri().path(),
+        "/apis/serf.operator.io/v1alpha1/namespaces/apps/serfhandlers/web/status"
+    );
+    assert_eq!(
+        req.headers()["content-type"],
+        "application/merge-patch+json"
+    );
+    let body: Value =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    assert_eq!(body["status"]["observedGeneration"], 4);
+    assert_eq!(body["status"]["conditions"][0]["type"], "Ready");
+    assert_eq!(body["status"]["routes"][0]["jobsCreated"], 10);
+    assert_eq!(
+        body["status"]["routes"][0]["lastMatched"],
+        json!({"event": "user:deploy@7", "time": "2026-11-23T10:00:01Z", "job": "web-deploy-abc"})
+    );
+    let obj = json!({"apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler", "metadata": {"name": "web", "namespace": "apps"}, "spec": {"routes": []}, "status": body["status"].clone()});
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(serde_json::to_vec(&obj).unwrap()))
+            .unwrap(),
+    );
+    writer.await.unwrap().unwrap();
+
+    // A handler deleted meanwhile (404) is not an error.
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let writer =
+        tokio::spawn(
+            async move { write_status(&client, "apps", "gone", &Default::default()).await },
+        );
+    let (_, send) = handle.next_request().await.unwrap();
+    let nf = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    send.send_response(
+        Response::builder()
+            .status(404)
+            .body(Body::from(serde_json::to_vec(&nf).unwrap()))
+            .unwrap(),
+    );
+    writer.await.unwrap().unwrap();
+}
