@@ -61,12 +61,28 @@ impl Drop for TempNamespace {
             eprintln!("keeping namespace {}", self.name);
             return;
         }
+        // Delete from a thread of its own and wait for the API call, so that the namespace
+        // (and every Job in it) is gone even when the test's runtime is ending.
         let api: Api<Namespace> = Api::all(self.client.clone());
         let name = self.name.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = api.delete(&name, &DeleteParams::default()).await;
-            });
+        let deleted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    api.delete(&name, &DeleteParams::background()),
+                )
+                .await
+                .ok()?
+                .ok()
+            })
+        })
+        .join();
+        if !matches!(deleted, Ok(Some(_))) {
+            eprintln!("could not delete namespace {}", self.name);
         }
     }
 }

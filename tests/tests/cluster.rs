@@ -9,8 +9,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event as KubeEvent, Secret};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Event as KubeEvent, Pod, Secret};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serf_client::{ClientConfig, QueryParams};
 use serf_operator_crds::SerfHandler;
@@ -292,20 +292,62 @@ async fn operator_on_a_real_cluster() {
         "exactly once"
     );
 
-    // Replay after pruning: the deploy Job is deleted (as history limits or a TTL would),
+    // Replay after pruning: the deploy Job finishes, the history limit (now 0) prunes it,
     // then the same event comes back through a replaying join; it must not launch again.
     let japi: Api<Job> = Api::namespaced(client.clone(), &ns);
-    japi.delete(&job_name, &DeleteParams::background())
-        .await
-        .unwrap();
-    eventually("deploy Job gone", Duration::from_secs(20), || async {
-        japi.get_opt(&job_name)
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = eventually("the deploy Job's Pod", Duration::from_secs(30), || async {
+        pods.list(&ListParams::default().labels(&format!("job-name={job_name}")))
             .await
             .unwrap()
-            .is_none()
-            .then_some(())
+            .items
+            .into_iter()
+            .next()
     })
     .await;
+    pods.patch_status(
+        pod.metadata.name.as_ref().unwrap(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"phase": "Succeeded"}})),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the deploy Job complete",
+        Duration::from_secs(30),
+        || async {
+            let j = japi.get(&job_name).await.unwrap();
+            j.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Complete" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
+    let mut web = handlers(&ns).remove(0);
+    web["spec"]["successfulJobsHistoryLimit"] = 0.into();
+    hapi.patch(
+        "web",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&web),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the deploy Job pruned by the history limit",
+        Duration::from_secs(60),
+        || async {
+            japi.get_opt(&job_name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    // Pending Jobs of other routes are untouched by the spec change and the pruning.
+    assert_eq!(jobs(&client, &ns, "db-failed").await.len(), 2);
     assert!(operator_proc.terminate());
     db1.restart(&[op.bind_addr()]).unwrap();
     let fresh = Agent::start(AgentConfig::new("e2e-op-2").tag("role", "web"), &[]).unwrap();
@@ -342,6 +384,24 @@ async fn operator_on_a_real_cluster() {
         japi.get_opt(&job_name).await.unwrap().is_none(),
         "a replayed event launched its Job again"
     );
+    // The operator's agent is killed and restarted while the operator runs: it reconnects,
+    // compares membership, and keeps serving.
+    let mut fresh = fresh;
+    fresh.kill().unwrap();
+    eventually(
+        "/readyz false while the agent is down",
+        Duration::from_secs(10),
+        || async { (!ready(metrics).await).then_some(()) },
+    )
+    .await;
+    fresh.restart(&[]).unwrap();
+    eventually(
+        "/readyz after the agent came back",
+        Duration::from_secs(30),
+        || async { ready(metrics).await.then_some(()) },
+    )
+    .await;
+
     assert!(operator_proc.terminate());
     drop(db1);
 }
