@@ -246,6 +246,8 @@ pub async fn run(
     let reader_metrics = metrics.clone();
     let reader_events = ev_tx.clone();
     let reader_stores = handler_stores.clone();
+    let dropped_total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader_dropped = dropped_total.clone();
     let reader = tokio::spawn(async move {
         let mut overflow_reported = Instant::now() - Duration::from_secs(3600);
         while let Some(item) = sub.next().await {
@@ -263,6 +265,7 @@ pub async fn run(
                         }
                         Err(mpsc::error::TrySendError::Full(Queued::Event(ev, _))) => {
                             reader_metrics.dropped("overflow");
+                            reader_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             tracing::error!(event = ev.kind(), "event queue full: event dropped");
                             if overflow_reported.elapsed() > Duration::from_secs(10) {
                                 overflow_reported = Instant::now();
@@ -321,6 +324,7 @@ pub async fn run(
         workers: Arc::new(Semaphore::new(cfg.workers.max(1))),
         inflight: JoinSet::new(),
         done_tx: None,
+        dropped_total,
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<LaunchDone>();
     router.done_tx = Some(done_tx);
@@ -415,6 +419,9 @@ struct Router {
     workers: Arc<Semaphore>,
     inflight: JoinSet<()>,
     done_tx: Option<mpsc::UnboundedSender<LaunchDone>>,
+    /// Events dropped before routing (queue overflow, stream lag), shown in every handler's
+    /// status.
+    dropped_total: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Router {
@@ -566,6 +573,8 @@ impl Router {
                 for _ in 0..missed {
                     self.metrics.dropped("overflow");
                 }
+                self.dropped_total
+                    .fetch_add(missed, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -837,6 +846,15 @@ impl Router {
 
     /// Writes what changed: handler status, launch ledgers, the membership record.
     async fn write_state(&mut self) {
+        let dropped = self
+            .dropped_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if dropped > 0 {
+            let now = now_str();
+            for h in self.handlers() {
+                self.status.set_events_dropped(&href(&h), dropped, &now);
+            }
+        }
         for (k, text) in self.ledger.take_dirty(unix_now()) {
             let uid = self
                 .handler_stores

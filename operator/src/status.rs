@@ -257,6 +257,33 @@ impl StatusBook {
         }
     }
 
+    /// Shows in a handler's status that `total` Serf events were dropped before routing
+    /// (the operator's queue overflowed or its stream lagged): condition `EventsDropped`.
+    pub fn set_events_dropped(&mut self, h: &HandlerRef, total: u64, now: &str) {
+        let e = self.entries.entry(key(h)).or_default();
+        let message = format!(
+            "{total} Serf event(s) dropped before routing since the operator started (queue full or stream lagging); raise --queue-size or --workers"
+        );
+        let same = e
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "EventsDropped" && c.message == message);
+        if !same {
+            let generation = e.status.observed_generation;
+            set_condition(
+                &mut e.status.conditions,
+                "EventsDropped",
+                "True",
+                "QueueOverflow",
+                &message,
+                generation,
+                now,
+            );
+            e.dirty = true;
+        }
+    }
+
     /// The statuses changed since the last call, to be written.
     pub fn take_dirty(&mut self) -> Vec<((String, String), SerfHandlerStatus)> {
         self.entries

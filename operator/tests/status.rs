@@ -128,6 +128,28 @@ fn counters_reasons_and_ready_condition() {
     assert_eq!(last.message.as_deref(), Some(invalid));
     assert!(book.take_dirty().is_empty());
 
+    // Events dropped before routing show as a condition, written once per change.
+    book.set_events_dropped(&web(), 7, "2026-11-23T10:00:04Z");
+    book.set_events_dropped(&web(), 7, "2026-11-23T10:00:05Z");
+    let dirty = book.take_dirty();
+    assert_eq!(dirty.len(), 1);
+    let c = dirty[0]
+        .1
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "EventsDropped")
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "QueueOverflow")
+    );
+    assert!(
+        c.message.starts_with("7 Serf event(s) dropped"),
+        "{}",
+        c.message
+    );
+    assert!(book.take_dirty().is_empty());
+
     // Fixing the handler flips Ready and keeps the transition time honest.
     let fixed = HANDLERS
         .replace("members: {role: \"db(\"}", "members: {role: db}")
