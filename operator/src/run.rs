@@ -325,6 +325,7 @@ pub async fn run(
         inflight: JoinSet::new(),
         done_tx: None,
         dropped_total,
+        leadership: Leadership,
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<LaunchDone>();
     router.done_tx = Some(done_tx);
@@ -353,7 +354,7 @@ pub async fn run(
                 router.sync_handlers();
                 router.flush_coalesced();
                 router.write_state().await;
-                if ticks.is_multiple_of(10) {
+                if ticks.is_multiple_of(10) && router.leadership.is_leader() {
                     router.prune().await;
                 }
             }
@@ -395,6 +396,18 @@ fn href(h: &SerfHandler) -> HandlerRef {
     }
 }
 
+/// Decides whether this replica does the once-only work: acting on member events (the
+/// membership comparison and coalescing), pruning history. With one replica that is always
+/// this one; this is the single place a Lease will decide it when several replicas run.
+#[derive(Debug, Default)]
+struct Leadership;
+
+impl Leadership {
+    fn is_leader(&self) -> bool {
+        true
+    }
+}
+
 /// (namespace, handler label, route label).
 type RouteKey = (String, String, String);
 /// (succeeded, finish time, name).
@@ -422,6 +435,7 @@ struct Router {
     /// Events dropped before routing (queue overflow, stream lag), shown in every handler's
     /// status.
     dropped_total: Arc<std::sync::atomic::AtomicU64>,
+    leadership: Leadership,
 }
 
 impl Router {
@@ -539,6 +553,9 @@ impl Router {
                 self.metrics.serf_reconnects.inc();
                 self.serf = Some(c.clone());
                 // Member events missed while disconnected (or while the operator was down).
+                if !self.leadership.is_leader() {
+                    return;
+                }
                 match c.members().await {
                     Ok(current) => {
                         for ev in self.engine.membership().diff(&current) {
@@ -554,6 +571,9 @@ impl Router {
             }
             Queued::Event(ev, received) => {
                 self.metrics.queue_depth.dec();
+                if matches!(ev, Event::Member(_)) && !self.leadership.is_leader() {
+                    return;
+                }
                 self.route(&ev, received, false).await;
                 if matches!(ev, Event::Member(_)) {
                     self.membership_dirty = true;
