@@ -12,8 +12,8 @@ pub use handler::{
 };
 pub use schema::JobTemplate;
 pub use trigger::{
-    QueryResponse, QueryResult, SerfEventTrigger, SerfEventTriggerSpec, SerfEventTriggerStatus,
-    TriggerEvent, TriggerQuery,
+    Firing, QueryResponse, QueryResult, SerfEventTrigger, SerfEventTriggerSpec,
+    SerfEventTriggerStatus, TriggerEvent, TriggerQuery,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

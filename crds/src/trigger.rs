@@ -59,6 +59,13 @@ pub struct SerfEventTriggerSpec {
     /// Stop firing (a scheduled trigger skips its ticks; an unscheduled one waits).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+
+    /// For a schedule: a tick missed (the operator was down, the trigger suspended) still
+    /// fires, once, if it is at most this many seconds old, as CronJob's field of the same
+    /// name. Omitted: the latest missed tick always fires once; older ones never do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub starting_deadline_seconds: Option<i64>,
 }
 
 /// A user event.
@@ -147,6 +154,30 @@ pub struct SerfEventTriggerStatus {
     /// For queries: what the latest run got.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<QueryResult>,
+    /// The generation whose firing completed (sent, failed for good, or interrupted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fired_generation: Option<i64>,
+    /// For a schedule: the latest tick handled (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    /// Recorded before a send and cleared after its outcome is recorded. Found set after an
+    /// operator restart, it means the send may or may not have happened: the trigger then
+    /// shows `Sent=Unknown` (reason `Interrupted`) instead of sending twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firing: Option<Firing>,
+}
+
+/// A send in progress.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Firing {
+    /// The spec generation being fired.
+    pub generation: i64,
+    /// For a schedule: the tick being fired (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tick: Option<String>,
+    /// When the send started (RFC 3339).
+    pub started: String,
 }
 
 /// The acks and responses of a query run.

@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod naming;
 pub mod run;
 pub mod status;
+pub mod trigger;

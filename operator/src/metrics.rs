@@ -33,6 +33,13 @@ pub struct CodeLabel {
     pub code: String,
 }
 
+/// Label set with one `result` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// sent, failed, retry, interrupted.
+    pub result: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
@@ -56,6 +63,8 @@ pub struct Metrics {
     pub serf_connected: Gauge,
     /// Reconnections to the agent.
     pub serf_reconnects: Counter,
+    /// Trigger sends, by result.
+    pub triggers_fired: Family<ResultLabel, Counter>,
     ready_serf: AtomicBool,
     ready_caches: AtomicBool,
 }
@@ -77,6 +86,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             serf_connected: Gauge::default(),
             serf_reconnects: Counter::default(),
+            triggers_fired: Family::default(),
             ready_serf: AtomicBool::new(false),
             ready_caches: AtomicBool::new(false),
             registry: Registry::default(),
@@ -126,6 +136,11 @@ impl Metrics {
             "serf_reconnects",
             "Reconnections to the Serf agent",
             m.serf_reconnects.clone(),
+        );
+        registry.register(
+            "triggers_fired",
+            "SerfEventTrigger sends, by result (sent, failed, retry, interrupted)",
+            m.triggers_fired.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

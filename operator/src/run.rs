@@ -20,7 +20,7 @@ use kube::{Api, Client};
 use serf_client::{
     ClientConfig, Event, Member, Subscription, SubscriptionConfig, SubscriptionItem,
 };
-use serf_operator_crds::SerfHandler;
+use serf_operator_crds::{SerfEventTrigger, SerfHandler};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
@@ -73,6 +73,7 @@ struct LaunchDone {
 }
 
 struct KubeEventReq {
+    kind: &'static str,
     handler: HandlerRef,
     type_: EventType,
     reason: &'static str,
@@ -122,14 +123,14 @@ impl ActiveJobs for StoreActive<'_> {
     }
 }
 
-fn object_ref(h: &HandlerRef) -> ObjectReference {
+fn object_ref(kind: &str, h: &HandlerRef) -> ObjectReference {
     ObjectReference {
         api_version: Some(format!(
             "{}/{}",
             serf_operator_crds::GROUP,
             serf_operator_crds::VERSION
         )),
-        kind: Some("SerfHandler".into()),
+        kind: Some(kind.into()),
         name: Some(h.name.clone()),
         namespace: Some(h.namespace.clone()),
         uid: h.uid.clone(),
@@ -171,6 +172,7 @@ pub async fn run(
     };
     let mut handler_stores = Vec::new();
     let mut job_stores = Vec::new();
+    let mut trigger_stores = Vec::new();
     let mut reflectors = JoinSet::new();
     for ns in &scopes {
         let (h_api, j_api): (Api<SerfHandler>, Api<Job>) = match ns {
@@ -206,11 +208,30 @@ pub async fn run(
                 }),
         );
         job_stores.push(reader);
+        let t_api: Api<SerfEventTrigger> = match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let (reader, writer) = reflector::store();
+        reflectors.spawn(
+            reflector::reflector(writer, watcher(t_api, watcher::Config::default()))
+                .default_backoff()
+                .for_each(|r| {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "SerfEventTrigger watch");
+                    }
+                    std::future::ready(())
+                }),
+        );
+        trigger_stores.push(reader);
     }
     for s in &handler_stores {
         s.wait_until_ready().await?;
     }
     for s in &job_stores {
+        s.wait_until_ready().await?;
+    }
+    for s in &trigger_stores {
         s.wait_until_ready().await?;
     }
     metrics.set_caches_ready(true);
@@ -234,7 +255,10 @@ pub async fn run(
                 action: req.reason.into(),
                 secondary: None,
             };
-            if let Err(e) = recorder.publish(&ev, &object_ref(&req.handler)).await {
+            if let Err(e) = recorder
+                .publish(&ev, &object_ref(req.kind, &req.handler))
+                .await
+            {
                 tracing::debug!(error = %e, "cannot publish Event");
             }
         }
@@ -271,6 +295,7 @@ pub async fn run(
                                 overflow_reported = Instant::now();
                                 for h in reader_stores.iter().flat_map(|s| s.state()) {
                                     let _ = reader_events.try_send(KubeEventReq {
+                                        kind: "SerfHandler",
                                         handler: href(&h),
                                         type_: EventType::Warning,
                                         reason: "EventsDropped",
@@ -326,6 +351,8 @@ pub async fn run(
         done_tx: None,
         dropped_total,
         leadership: Leadership,
+        trigger_stores,
+        trigger_busy: Arc::default(),
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<LaunchDone>();
     router.done_tx = Some(done_tx);
@@ -354,6 +381,9 @@ pub async fn run(
                 router.sync_handlers();
                 router.flush_coalesced();
                 router.write_state().await;
+                if router.leadership.is_leader() {
+                    router.fire_triggers();
+                }
                 if ticks.is_multiple_of(10) && router.leadership.is_leader() {
                     router.prune().await;
                 }
@@ -408,6 +438,9 @@ impl Leadership {
     }
 }
 
+/// Per trigger (namespace, name): not before this time, and the retry attempt.
+type TriggerHolds = Arc<std::sync::Mutex<BTreeMap<(String, String), (Instant, u32)>>>;
+
 /// (namespace, handler label, route label).
 type RouteKey = (String, String, String);
 /// (succeeded, finish time, name).
@@ -436,6 +469,10 @@ struct Router {
     /// status.
     dropped_total: Arc<std::sync::atomic::AtomicU64>,
     leadership: Leadership,
+    trigger_stores: Vec<Store<SerfEventTrigger>>,
+    /// Triggers not to look at before a time: being fired, just fired (until the store has
+    /// the outcome), or backing off after a failure that can succeed later; with the attempt.
+    trigger_busy: TriggerHolds,
 }
 
 impl Router {
@@ -457,6 +494,7 @@ impl Router {
         if self
             .events
             .try_send(KubeEventReq {
+                kind: "SerfHandler",
                 handler: handler.clone(),
                 type_,
                 reason,
@@ -861,6 +899,164 @@ impl Router {
                     ),
                 );
             }
+        }
+    }
+
+    /// Fires what is due: each trigger at most once per generation or schedule tick. Sends
+    /// run in tasks; the firing is recorded in status before the send.
+    fn fire_triggers(&mut self) {
+        let now = jiff::Timestamp::now();
+        let triggers: Vec<Arc<SerfEventTrigger>> =
+            self.trigger_stores.iter().flat_map(|s| s.state()).collect();
+        for t in triggers {
+            let key = (
+                t.metadata.namespace.clone().unwrap_or_default(),
+                t.metadata.name.clone().unwrap_or_default(),
+            );
+            let attempt = {
+                let Ok(mut busy) = self.trigger_busy.lock() else {
+                    return;
+                };
+                match busy.get(&key) {
+                    Some((until, _)) if *until > Instant::now() => continue,
+                    Some((_, attempt)) => {
+                        let a = *attempt;
+                        busy.remove(&key);
+                        a
+                    }
+                    None => 0,
+                }
+            };
+            let due = crate::trigger::decide(&t, now);
+            if due == crate::trigger::Due::Nothing {
+                continue;
+            }
+            if let Ok(mut busy) = self.trigger_busy.lock() {
+                busy.insert(
+                    key.clone(),
+                    (Instant::now() + Duration::from_secs(3600), attempt),
+                );
+            }
+            let client = self.client.clone();
+            let serf = self.serf.clone();
+            let busy = self.trigger_busy.clone();
+            let events = self.events.clone();
+            let metrics = self.metrics.clone();
+            let tref = HandlerRef {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                uid: t.metadata.uid.clone(),
+            };
+            tokio::spawn(async move {
+                let hold = |attempt: u32, d: Duration| {
+                    if let Ok(mut b) = busy.lock() {
+                        b.insert(key.clone(), (Instant::now() + d, attempt));
+                    }
+                };
+                let publish = |type_: EventType, reason: &'static str, note: String| {
+                    let _ = events.try_send(KubeEventReq {
+                        kind: "SerfEventTrigger",
+                        handler: tref.clone(),
+                        type_,
+                        reason,
+                        note,
+                    });
+                };
+                let result = |r: &str| {
+                    metrics
+                        .triggers_fired
+                        .get_or_create(&crate::metrics::ResultLabel { result: r.into() })
+                        .inc()
+                };
+                let now_s = now_str();
+                match due {
+                    crate::trigger::Due::Nothing => {}
+                    crate::trigger::Due::Invalid(msg) => {
+                        publish(EventType::Warning, "TriggerFailed", msg.clone());
+                        tracing::warn!(trigger = %tref, "{msg}");
+                        hold(0, Duration::from_secs(60));
+                    }
+                    crate::trigger::Due::Interrupted(firing) => {
+                        let patch = crate::trigger::interrupted_patch(&t, &firing, &now_s);
+                        match crate::trigger::patch_status(&client, &t, patch).await {
+                            Ok(()) => {
+                                result("interrupted");
+                                publish(
+                                    EventType::Warning,
+                                    "TriggerFailed",
+                                    format!(
+                                        "generation {} was interrupted between send and record; not sent again (Sent=Unknown)",
+                                        firing.generation
+                                    ),
+                                );
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, trigger = %tref, "cannot record an interrupted send")
+                            }
+                        }
+                        hold(0, Duration::from_secs(5));
+                    }
+                    crate::trigger::Due::Fire(firing) => {
+                        // Recorded before the send: once stored, a restart never sends it again.
+                        let outcome = match crate::trigger::fire(
+                            &client,
+                            serf.as_ref(),
+                            &t,
+                            &firing,
+                        )
+                        .await
+                        {
+                            Ok(o) => o,
+                            Err(e) => {
+                                tracing::warn!(error = %e, trigger = %tref, "cannot record the send; not sending");
+                                hold(attempt, Duration::from_secs(2));
+                                return;
+                            }
+                        };
+                        match outcome {
+                            crate::trigger::SendOutcome::Sent(_) => {
+                                result("sent");
+                                publish(
+                                    EventType::Normal,
+                                    "TriggerFired",
+                                    format!(
+                                        "fired generation {}{}",
+                                        firing.generation,
+                                        firing
+                                            .tick
+                                            .as_ref()
+                                            .map(|t| format!(" for the tick at {t}"))
+                                            .unwrap_or_default()
+                                    ),
+                                );
+                                hold(0, Duration::from_secs(5));
+                            }
+                            crate::trigger::SendOutcome::Failed(msg) => {
+                                result("failed");
+                                publish(EventType::Warning, "TriggerFailed", msg);
+                                hold(0, Duration::from_secs(5));
+                            }
+                            crate::trigger::SendOutcome::Unknown(msg) => {
+                                result("interrupted");
+                                publish(
+                                    EventType::Warning,
+                                    "TriggerFailed",
+                                    format!(
+                                        "the send of generation {} may or may not have happened; not sent again: {msg}",
+                                        firing.generation
+                                    ),
+                                );
+                                hold(0, Duration::from_secs(5));
+                            }
+                            crate::trigger::SendOutcome::Retry(msg) => {
+                                result("retry");
+                                tracing::warn!(trigger = %tref, attempt = attempt + 1, "send failed, will retry: {msg}");
+                                hold(attempt + 1, crate::trigger::retry_delay(attempt + 1));
+                            }
+                        }
+                    }
+                }
+            });
         }
     }
 
