@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Event as KubeEvent, Pod, Secret};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serf_client::{ClientConfig, QueryParams};
-use serf_operator_crds::SerfHandler;
+use serf_operator_crds::{SerfEventTrigger, SerfHandler};
 use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, install_crds};
 use serf_testkit::{Agent, AgentConfig};
 
@@ -63,6 +63,10 @@ fn handlers(ns: &str) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(root.join(f)).unwrap();
         let mut v: serde_json::Value = serde_yaml::from_str(&text).unwrap();
         v["metadata"]["namespace"] = ns.into();
+        if f == "web.yaml" {
+            // No kubelet here: Jobs never finish, so Forbid would skip every later deploy.
+            v["spec"]["routes"][0]["concurrencyPolicy"] = "Allow".into();
+        }
         if f == "remediation.yaml" {
             v["spec"]["routes"][0]["coalesce"] = "2s".into();
             // No kubelet here: Jobs never finish, so Forbid would hold back the second one.
@@ -237,6 +241,91 @@ async fn operator_on_a_real_cluster() {
     let stdin = String::from_utf8(stdin.data.unwrap()["stdin"].0.clone()).unwrap();
     assert!(stdin.starts_with("e2e-db-2\t127.0.0.1\tdb\t"), "{stdin:?}");
 
+    // A SerfEventTrigger fires its event once; the event comes back on the operator's own
+    // stream and the web handler's deploy route launches a Job for it (GitOps trigger → Job).
+    let tapi: Api<SerfEventTrigger> = Api::namespaced(client.clone(), &ns);
+    let release = serde_json::json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfEventTrigger",
+        "metadata": {"name": "release", "namespace": ns},
+        "spec": {"event": {"name": "deploy", "payload": "v2.0.0"}}
+    });
+    tapi.patch(
+        "release",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&release),
+    )
+    .await
+    .unwrap();
+    let fired = eventually("trigger fired", Duration::from_secs(20), || async {
+        let s = tapi.get("release").await.unwrap().status?;
+        (s.fired_count == 1 && s.firing.is_none()).then_some(s)
+    })
+    .await;
+    assert_eq!(fired.last_fired_generation, Some(1));
+    let sent = fired.conditions.iter().find(|c| c.type_ == "Sent").unwrap();
+    assert_eq!(
+        (sent.status.as_str(), sent.reason.as_str()),
+        ("True", "Fired")
+    );
+    eventually(
+        "the trigger's event launched a deploy Job",
+        Duration::from_secs(20),
+        || async {
+            jobs(&client, &ns, "deploy")
+                .await
+                .iter()
+                .any(|j| env_of(j).get("SERF_PAYLOAD").map(String::as_str) == Some("v2.0.0"))
+                .then_some(())
+        },
+    )
+    .await;
+    // A new generation fires again, once.
+    let mut release2 = release.clone();
+    release2["spec"]["event"]["payload"] = "v2.0.1".into();
+    tapi.patch(
+        "release",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&release2),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "second generation fired",
+        Duration::from_secs(20),
+        || async {
+            let s = tapi.get("release").await.unwrap().status?;
+            (s.fired_count == 2 && s.last_fired_generation == Some(2)).then_some(())
+        },
+    )
+    .await;
+    // A query trigger: its acks and answers land in status.
+    let where_q = serde_json::json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfEventTrigger",
+        "metadata": {"name": "where", "namespace": ns},
+        "spec": {"query": {"name": "where", "timeout": "1s"}}
+    });
+    tapi.patch(
+        "where",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&where_q),
+    )
+    .await
+    .unwrap();
+    let q = eventually(
+        "query trigger answered",
+        Duration::from_secs(20),
+        || async { tapi.get("where").await.unwrap().status?.query },
+    )
+    .await;
+    assert!(q.complete);
+    assert!(
+        q.responses
+            .iter()
+            .any(|r| r.from == "e2e-op" && r.payload == format!("e2e-op in {ns}")),
+        "{q:?}"
+    );
+    assert!(q.ack_count >= 1);
+
     // Restart the operator: no second Job for anything already launched.
     assert!(
         operator_proc.terminate(),
@@ -255,6 +344,8 @@ async fn operator_on_a_real_cluster() {
         + jobs(&client, &ns, "db-failed").await.len()
         + jobs(&client, &ns, "member-join").await.len();
     assert_eq!(before, after, "a restart must not launch anything again");
+    let s = tapi.get("release").await.unwrap().status.unwrap();
+    assert_eq!(s.fired_count, 2, "a restart must not fire a trigger again");
 
     // A member fails while the operator is down → its Job once, after the restart.
     assert!(operator_proc.terminate());
