@@ -712,6 +712,11 @@ impl Engine {
         &self.router
     }
 
+    /// Replaces the membership last acted on (taking over from another replica).
+    pub fn set_membership(&mut self, membership: Membership) {
+        self.membership = membership;
+    }
+
     /// The membership last acted on.
     pub fn membership(&self) -> &Membership {
         &self.membership

@@ -96,6 +96,20 @@ enum Command {
         /// Log format: text or json.
         #[arg(long, env = "SERF_OPERATOR_LOG_FORMAT", default_value = "text")]
         log_format: String,
+        /// Run several replicas: a Lease elects the one that acts on member events, fires
+        /// triggers and prunes history.
+        #[arg(long, env = "SERF_OPERATOR_LEADER_ELECT")]
+        leader_elect: bool,
+        /// The Lease's name (in the state namespace).
+        #[arg(
+            long,
+            env = "SERF_OPERATOR_LEASE_NAME",
+            default_value = "serf-operator"
+        )]
+        lease_name: String,
+        /// Lease duration in seconds: how long a dead leader holds up the others.
+        #[arg(long, env = "SERF_OPERATOR_LEASE_DURATION", default_value_t = 15)]
+        lease_duration: u64,
     },
     /// Follow a live Serf agent: route every event through SerfHandler manifests, print the
     /// results as YAML, and answer queries for `respond` routes.
@@ -141,6 +155,9 @@ fn main() -> anyhow::Result<()> {
             state_namespace,
             pod_name,
             log_format,
+            leader_elect,
+            lease_name,
+            lease_duration,
         } => {
             if log_format != "text" && log_format != "json" {
                 anyhow::bail!("--log-format must be text or json, not {log_format:?}");
@@ -164,9 +181,18 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 pod_namespace: state_namespace.clone(),
                 state_namespace,
-                pod_name,
+                pod_name: pod_name.clone(),
                 flush_interval: std::time::Duration::from_secs(1),
                 shutdown_grace: std::time::Duration::from_secs(10),
+                leader_election: leader_elect.then(|| serf_operator::run::LeaderElection {
+                    lease_name,
+                    identity: if pod_name.is_empty() {
+                        format!("serf-operator-{}", std::process::id())
+                    } else {
+                        pod_name.clone()
+                    },
+                    duration_secs: lease_duration,
+                }),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

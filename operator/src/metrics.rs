@@ -65,6 +65,10 @@ pub struct Metrics {
     pub serf_reconnects: Counter,
     /// Trigger sends, by result.
     pub triggers_fired: Family<ResultLabel, Counter>,
+    /// 1 while this replica holds the lease (or runs alone).
+    pub leader: Gauge,
+    /// Leadership changes of this replica.
+    pub lease_transitions: Counter,
     ready_serf: AtomicBool,
     ready_caches: AtomicBool,
 }
@@ -87,6 +91,8 @@ impl Metrics {
             serf_connected: Gauge::default(),
             serf_reconnects: Counter::default(),
             triggers_fired: Family::default(),
+            leader: Gauge::default(),
+            lease_transitions: Counter::default(),
             ready_serf: AtomicBool::new(false),
             ready_caches: AtomicBool::new(false),
             registry: Registry::default(),
@@ -141,6 +147,16 @@ impl Metrics {
             "triggers_fired",
             "SerfEventTrigger sends, by result (sent, failed, retry, interrupted)",
             m.triggers_fired.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica does the once-only work",
+            m.leader.clone(),
+        );
+        registry.register(
+            "lease_transitions",
+            "Leadership changes of this replica",
+            m.lease_transitions.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -56,6 +56,8 @@ pub struct RunConfig {
     pub flush_interval: Duration,
     /// How long in-flight Job creates may take after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Several replicas: elect the one that does the once-only work with a Lease.
+    pub leader_election: Option<LeaderElection>,
 }
 
 enum Queued {
@@ -323,6 +325,23 @@ pub async fn run(
         }
     });
 
+    let lease = match &cfg.leader_election {
+        None => None,
+        Some(le) => {
+            let manager =
+                kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &le.lease_name)
+                    .with_namespace(&cfg.state_namespace)
+                    .with_identity(&le.identity)
+                    .with_duration(le.duration_secs.max(2))
+                    .with_grace((le.duration_secs / 3).max(1))
+                    .with_field_manager(ledger::FIELD_MANAGER)
+                    .build()
+                    .await?;
+            let (rx, _task) = manager.watch().await;
+            tracing::info!(lease = %le.lease_name, identity = %le.identity, "leader election on");
+            Some(rx)
+        }
+    };
     let mut router = Router {
         client: client.clone(),
         cfg: cfg.clone(),
@@ -350,7 +369,10 @@ pub async fn run(
         inflight: JoinSet::new(),
         done_tx: None,
         dropped_total,
-        leadership: Leadership,
+        leadership: Leadership {
+            lease,
+            was_leader: false,
+        },
         trigger_stores,
         trigger_busy: Arc::default(),
     };
@@ -378,6 +400,7 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 ticks += 1;
+                router.check_leadership().await;
                 router.sync_handlers();
                 router.flush_coalesced();
                 router.write_state().await;
@@ -430,12 +453,28 @@ fn href(h: &SerfHandler) -> HandlerRef {
 /// membership comparison and coalescing), pruning history. With one replica that is always
 /// this one; this is the single place a Lease will decide it when several replicas run.
 #[derive(Debug, Default)]
-struct Leadership;
+struct Leadership {
+    /// The Lease's verdict when leader election is on; `None`: this is the only replica.
+    lease: Option<tokio::sync::watch::Receiver<bool>>,
+    /// What the last check saw, to notice transitions.
+    was_leader: bool,
+}
 
 impl Leadership {
     fn is_leader(&self) -> bool {
-        true
+        self.lease.as_ref().is_none_or(|r| *r.borrow())
     }
+}
+
+/// Leader election settings.
+#[derive(Debug, Clone)]
+pub struct LeaderElection {
+    /// Lease name (in the state namespace).
+    pub lease_name: String,
+    /// This replica's identity.
+    pub identity: String,
+    /// Lease duration in seconds: how long a dead leader blocks the others.
+    pub duration_secs: u64,
 }
 
 /// Per trigger (namespace, name): not before this time, and the retry attempt.
@@ -902,6 +941,50 @@ impl Router {
         }
     }
 
+    /// Notices leadership changes. On becoming the leader: take over the persisted membership
+    /// and launch ledgers (the old leader wrote them), replay the member events missed, and
+    /// from then on fire triggers, prune, and write status.
+    async fn check_leadership(&mut self) {
+        let leader = self.leadership.is_leader();
+        self.metrics.leader.set(i64::from(leader));
+        if leader == self.leadership.was_leader {
+            return;
+        }
+        self.leadership.was_leader = leader;
+        self.metrics.lease_transitions.inc();
+        if !leader {
+            tracing::warn!(
+                "lost the lease: no longer acting on member events, triggers or pruning"
+            );
+            return;
+        }
+        tracing::info!("holding the lease: acting on member events, triggers and pruning");
+        if self.leadership.lease.is_none() {
+            return;
+        }
+        match ledger::read_membership(&self.client, &self.cfg.state_namespace).await {
+            Ok(m) => self.engine.set_membership(m),
+            Err(e) => tracing::warn!(error = %e, "cannot read the membership record"),
+        }
+        self.ledger = Ledger::default();
+        self.status = StatusBook::default();
+        self.handler_versions.clear();
+        self.sync_handlers();
+        if let Some(c) = self.serf.clone() {
+            match c.members().await {
+                Ok(current) => {
+                    for ev in self.engine.membership().diff(&current) {
+                        let ev = Event::Member(ev);
+                        tracing::info!(event = %crate::engine::describe(&ev).1, "replaying a member event missed before taking over");
+                        self.route(&ev, Instant::now(), true).await;
+                    }
+                    self.membership_dirty = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list members after taking over"),
+            }
+        }
+    }
+
     /// Fires what is due: each trigger at most once per generation or schedule tick. Sends
     /// run in tasks; the firing is recorded in status before the send.
     fn fire_triggers(&mut self) {
@@ -1062,6 +1145,11 @@ impl Router {
 
     /// Writes what changed: handler status, launch ledgers, the membership record.
     async fn write_state(&mut self) {
+        if !self.leadership.is_leader() {
+            // The leader's view is the one written; a standby's would fight it.
+            let _ = self.status.take_dirty();
+            return;
+        }
         let dropped = self
             .dropped_total
             .load(std::sync::atomic::Ordering::Relaxed);
