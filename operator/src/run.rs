@@ -172,60 +172,28 @@ pub async fn run(
     } else {
         cfg.namespaces.iter().cloned().map(Some).collect()
     };
-    let mut handler_stores = Vec::new();
-    let mut job_stores = Vec::new();
-    let mut trigger_stores = Vec::new();
     let mut reflectors = JoinSet::new();
+    let mut handler_stores: Vec<Store<SerfHandler>> = Vec::new();
+    let mut job_stores: Vec<Store<Job>> = Vec::new();
+    let mut trigger_stores: Vec<Store<SerfEventTrigger>> = Vec::new();
+    let owned_jobs =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     for ns in &scopes {
-        let (h_api, j_api): (Api<SerfHandler>, Api<Job>) = match ns {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
-        let (reader, writer) = reflector::store();
-        reflectors.spawn(
-            reflector::reflector(writer, watcher(h_api, watcher::Config::default()))
-                .default_backoff()
-                .for_each(|r| {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "SerfHandler watch");
-                    }
-                    std::future::ready(())
-                }),
-        );
-        handler_stores.push(reader);
-        let (reader, writer) = reflector::store();
-        let jobs_cfg = watcher::Config::default()
-            .labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-        reflectors.spawn(
-            reflector::reflector(writer, watcher(j_api, jobs_cfg))
-                .default_backoff()
-                .for_each(|r| {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "Job watch");
-                    }
-                    std::future::ready(())
-                }),
-        );
-        job_stores.push(reader);
-        let t_api: Api<SerfEventTrigger> = match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let (reader, writer) = reflector::store();
-        reflectors.spawn(
-            reflector::reflector(writer, watcher(t_api, watcher::Config::default()))
-                .default_backoff()
-                .for_each(|r| {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "SerfEventTrigger watch");
-                    }
-                    std::future::ready(())
-                }),
-        );
-        trigger_stores.push(reader);
+        handler_stores.push(watch_into_store(
+            &mut reflectors,
+            api_in(&client, ns),
+            watcher::Config::default(),
+        ));
+        job_stores.push(watch_into_store(
+            &mut reflectors,
+            api_in(&client, ns),
+            owned_jobs.clone(),
+        ));
+        trigger_stores.push(watch_into_store(
+            &mut reflectors,
+            api_in(&client, ns),
+            watcher::Config::default(),
+        ));
     }
     for s in &handler_stores {
         s.wait_until_ready().await?;
@@ -439,6 +407,46 @@ pub async fn run(
     http.abort();
     reflectors.abort_all();
     Ok(())
+}
+
+/// An Api for `K` in one namespace, or in all.
+fn api_in<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Keeps a local store of `K` up to date from a watch (retried with backoff), driven by a
+/// task in `set`.
+fn watch_into_store<K>(set: &mut JoinSet<()>, api: Api<K>, cfg: watcher::Config) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    <K as kube::Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&Default::default()).to_string();
+    set.spawn(
+        reflector::reflector(writer, watcher(api, cfg))
+            .default_backoff()
+            .for_each(move |r| {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, kind = %kind, "watch");
+                }
+                std::future::ready(())
+            }),
+    );
+    reader
 }
 
 fn href(h: &SerfHandler) -> HandlerRef {

@@ -4,57 +4,18 @@
 //! does not launch a replayed event again after its Job was deleted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as KubeEvent, Pod, Secret};
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client};
+use kube::Api;
 use serf_client::{ClientConfig, QueryParams};
 use serf_operator_crds::{SerfEventTrigger, SerfHandler};
-use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, install_crds};
+use serf_operator_e2e::{
+    OperatorProcess, TempNamespace, cluster_or_skip, env_of, eventually, install_crds, jobs,
+};
 use serf_testkit::{Agent, AgentConfig};
-
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn jobs(client: &Client, ns: &str, route: &str) -> Vec<Job> {
-    let api: Api<Job> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default().labels(&format!("serf.operator.io/route={route}")))
-        .await
-        .unwrap()
-        .items
-}
-
-fn env_of(job: &Job) -> BTreeMap<String, String> {
-    job.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .env
-        .iter()
-        .flatten()
-        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-        .collect()
-}
 
 fn handlers(ns: &str) -> Vec<serde_json::Value> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/handlers");

@@ -3,56 +3,21 @@
 //! failover when the leader dies, nothing fired again when both restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serf_client::ClientConfig;
 use serf_operator_crds::{SerfEventTrigger, SerfHandler};
-use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, install_crds};
+use serf_operator_e2e::{
+    OperatorProcess, TempNamespace, cluster_or_skip, env_of, eventually, install_crds, jobs,
+};
 use serf_testkit::{Agent, AgentConfig};
 
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn jobs(client: &Client, ns: &str, route: &str) -> Vec<Job> {
-    let api: Api<Job> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default().labels(&format!("serf.operator.io/route={route}")))
-        .await
-        .unwrap()
-        .items
-}
-
 fn payload_of(job: &Job) -> String {
-    job.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "SERF_PAYLOAD")
-        .and_then(|e| e.value.clone())
-        .unwrap_or_default()
+    env_of(job).remove("SERF_PAYLOAD").unwrap_or_default()
 }
 
 async fn count_payload(client: &Client, ns: &str, payload: &str) -> usize {
