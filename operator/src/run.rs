@@ -556,9 +556,11 @@ impl Router {
     /// Recompiles the routes when a handler was added, changed or deleted, and updates
     /// every handler's Ready condition and membership.
     fn sync_handlers(&mut self) {
-        let handlers = self.handlers();
-        let versions: BTreeMap<_, _> = handlers
+        // Compare versions on the shared objects; clone them only when something changed.
+        let versions: BTreeMap<_, _> = self
+            .handler_stores
             .iter()
+            .flat_map(|s| s.state())
             .map(|h| {
                 (
                     (
@@ -584,6 +586,7 @@ impl Router {
             });
         }
         self.handler_versions = versions;
+        let handlers = self.handlers();
         self.engine.set_handlers(&handlers);
         let errors = self.engine.router().errors().to_vec();
         for e in &errors {
@@ -619,8 +622,13 @@ impl Router {
                 )
             })
             .collect();
-        for h in self.handlers() {
-            let r = href(&h);
+        let refs: Vec<HandlerRef> = self
+            .handler_stores
+            .iter()
+            .flat_map(|s| s.state())
+            .map(|h| href(&h))
+            .collect();
+        for r in refs {
             let selected: Vec<&Member> = members
                 .iter()
                 .filter(|m| self.engine.router().selects_member(&r, m))

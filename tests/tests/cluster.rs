@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as KubeEvent, Pod, Secret};
-use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
 use serf_client::{ClientConfig, QueryParams};
 use serf_operator_crds::{SerfEventTrigger, SerfHandler};
 use serf_operator_e2e::{
