@@ -3,7 +3,8 @@
 //! Job POST from the same client; sustained user events turned into Jobs (with a loss check)
 //! next to the API server's own create rate; the operator's RSS idle and with 1,000 handlers.
 //!
-//! `cargo run --release -p serf-operator-e2e --example bench_operator` (EVENTS=1000 to change
+//! `cargo build --release -p serf-operator && SERF_OPERATOR_BIN=target/release/serf-operator
+//! cargo run --release -p serf-operator-e2e --example bench_operator` (EVENTS=1000 to change
 //! the sustained run's size).
 
 use std::collections::BTreeMap;
