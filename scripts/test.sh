@@ -11,3 +11,6 @@ echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+if [ -z "${KUBECONFIG:-}" ]; then
+  echo "==> NOTE: the cluster suites (tests/: operator_on_a_real_cluster, two_replicas_with_a_lease) were SKIPPED: set KUBECONFIG to a real cluster to run them"
+fi
