@@ -11,6 +11,11 @@ echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+echo "==> Helm chart: render, lint and check with the real Helm engine (helm-python-sdk)"
+venv=target/test-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk pytest pyyaml
+"$venv/bin/python" -m pytest -q -rs charts/tests
 if [ -z "${KUBECONFIG:-}" ]; then
   echo "==> NOTE: the cluster suites (tests/: operator_on_a_real_cluster, two_replicas_with_a_lease) were SKIPPED: set KUBECONFIG to a real cluster to run them"
 fi

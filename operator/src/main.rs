@@ -111,6 +111,16 @@ enum Command {
         #[arg(long, env = "SERF_OPERATOR_LEASE_DURATION", default_value_t = 15)]
         lease_duration: u64,
     },
+    /// Write the Serf agent's config file: `{"rpc_auth": KEY}` from SERF_RPC_AUTH (RPC auth
+    /// has no agent flag), or `{}` without a key. Used by the Helm chart's init container.
+    AgentConfig {
+        /// Where to write the file.
+        #[arg(long)]
+        out: PathBuf,
+        /// The RPC auth key (never logged).
+        #[arg(long, env = "SERF_RPC_AUTH", hide_env_values = true)]
+        rpc_auth: Option<String>,
+    },
     /// Follow a live Serf agent: route every event through SerfHandler manifests, print the
     /// results as YAML, and answer queries for `respond` routes.
     Local {
@@ -206,6 +216,19 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Crds { out } => write_crds(out),
+        Command::AgentConfig { out, rpc_auth } => {
+            let cfg = match rpc_auth.filter(|k| !k.is_empty()) {
+                Some(k) => serde_json::json!({ "rpc_auth": k }),
+                None => serde_json::json!({}),
+            };
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(&out, serde_json::to_vec(&cfg)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            Ok(())
+        }
         Command::Route {
             handlers,
             event,

@@ -1,0 +1,42 @@
+{{- define "serf-operator.name" -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "serf-operator.labels" -}}
+app.kubernetes.io/name: serf-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "serf-operator.selector" -}}
+app.kubernetes.io/name: serf-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "serf-operator.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* Rules for SerfHandlers, SerfEventTriggers and what the operator creates for them. */}}
+{{- define "serf-operator.rules" -}}
+- apiGroups: ["serf.operator.io"]
+  resources: ["serfhandlers", "serfeventtriggers"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["serf.operator.io"]
+  resources: ["serfhandlers/status", "serfeventtriggers/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
