@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Demo: starts a local three-agent Serf cluster (roles web, db, db) on free loopback ports,
-# streams its events as JSON lines with the `stream` example, fires a user event, a query
-# answered by the db nodes, a tag change and a node failure, then cleans up.
+# runs serf-operator in local mode on examples/ next to the web node, fires a user event, a
+# query and a node failure, and shows the Jobs that would be created and the query's answers
+# (from the operator's `where` route and the db nodes' handler scripts). Cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --quiet -p serf-client --examples
+cargo build --quiet -p serf-client --examples -p serf-operator
 
 work=$(mktemp -d)
 pids=()
@@ -53,26 +54,28 @@ for _ in $(seq 1 50); do
 done
 cargo run --quiet -p serf-client --example members
 
-echo "==> streaming every event of demo-web as JSON lines"
-target/debug/examples/stream '*' >"$work/events.jsonl" 2>"$work/stream.err" &
+echo "==> serf-operator local mode on examples/, following demo-web (role=web)"
+POD_NAMESPACE=serf-system target/debug/serf-operator local --handlers examples >"$work/operator.yaml" 2>"$work/operator.err" &
 pids+=($!)
-sleep 1
+for _ in $(seq 1 50); do grep -q "following the serf agent" "$work/operator.err" && break; sleep 0.2; done
 
 echo "==> firing user event deploy=v1.2.3"
 cargo run --quiet -p serf-client --example event -- deploy v1.2.3 --no-coalesce
-echo "==> running query load (answered by the db nodes' handler scripts)"
+sleep 1
+echo "==> running query where (answered by the operator) and load (by the db nodes' scripts)"
+cargo run --quiet -p serf-client --example query -- where --timeout 2
 cargo run --quiet -p serf-client --example query -- load 5m --timeout 2
-echo "==> changing demo-db1's tags (member-update)"
-serf tags -rpc-addr="$demo_db1_rpc" -set version=2
-echo "==> kill -9 demo-db2 (member-failed after Serf's failure detection, a few seconds)"
+echo "==> kill -9 demo-db2 (member-failed after Serf's failure detection, a few seconds;"
+echo "    the remediation route gathers failures for 10 s before its Job)"
 { kill -9 "$demo_db2_pid" && wait "$demo_db2_pid"; } 2>/dev/null || true
 for _ in $(seq 1 150); do
-  grep -q member-failed "$work/events.jsonl" && break
+  grep -q "job: db-remediation-db-failed" "$work/operator.yaml" && break
   sleep 0.2
 done
 
-echo "==> events seen by the stream:"
-cat "$work/events.jsonl"
-grep -q '"name":"deploy"' "$work/events.jsonl" && grep -q member-failed "$work/events.jsonl" \
-  || { echo "expected events missing" >&2; cat "$work/stream.err" >&2; exit 1; }
-echo "==> done; stopping the agents"
+echo "==> what the operator decided (YAML: a summary per event, then each Job and its stdin Secret):"
+cat "$work/operator.yaml"
+grep -q "job: web-deploy-" "$work/operator.yaml" && grep -q "job: db-remediation-db-failed" "$work/operator.yaml" \
+  && grep -q "answer: demo-web in serf-system" "$work/operator.yaml" \
+  || { echo "expected results missing" >&2; cat "$work/operator.err" >&2; exit 1; }
+echo "==> done; stopping the agents and the operator"
