@@ -649,18 +649,7 @@ impl Router {
                 if !self.leadership.is_leader() {
                     return;
                 }
-                match c.members().await {
-                    Ok(current) => {
-                        for ev in self.engine.membership().diff(&current) {
-                            let ev = Event::Member(ev);
-                            tracing::info!(event = %crate::engine::describe(&ev).1, "replaying a member event missed while disconnected");
-                            self.route(&ev, Instant::now(), true).await;
-                        }
-                        self.membership_dirty = true;
-                        self.update_member_status();
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot list members after connecting"),
-                }
+                self.catch_up_members(&c).await;
             }
             Queued::Event(ev, received) => {
                 self.metrics.queue_depth.dec();
@@ -987,17 +976,24 @@ impl Router {
         self.handler_versions.clear();
         self.sync_handlers();
         if let Some(c) = self.serf.clone() {
-            match c.members().await {
-                Ok(current) => {
-                    for ev in self.engine.membership().diff(&current) {
-                        let ev = Event::Member(ev);
-                        tracing::info!(event = %crate::engine::describe(&ev).1, "replaying a member event missed before taking over");
-                        self.route(&ev, Instant::now(), true).await;
-                    }
-                    self.membership_dirty = true;
+            self.catch_up_members(&c).await;
+        }
+    }
+
+    /// Routes the member events missed while disconnected, down, or not the leader: the
+    /// difference between the agent's members and the membership last acted on.
+    async fn catch_up_members(&mut self, c: &serf_client::Client) {
+        match c.members().await {
+            Ok(current) => {
+                for ev in self.engine.membership().diff(&current) {
+                    let ev = Event::Member(ev);
+                    tracing::info!(event = %crate::engine::describe(&ev).1, "replaying a missed member event");
+                    self.route(&ev, Instant::now(), true).await;
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot list members after taking over"),
+                self.membership_dirty = true;
+                self.update_member_status();
             }
+            Err(e) => tracing::warn!(error = %e, "cannot list the agent's members"),
         }
     }
 
