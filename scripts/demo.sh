@@ -6,7 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --quiet -p serf-client --examples -p serf-operator
+# Two builds: a target-selection flag such as --examples restricts every selected package,
+# so one command with both would never build the serf-operator binary.
+cargo build --quiet -p serf-client --examples
+cargo build --quiet -p serf-operator --bin serf-operator
+
+operator=target/debug/serf-operator
+[ -x "$operator" ] || { echo "the build did not produce $operator" >&2; exit 1; }
 
 work=$(mktemp -d)
 pids=()
@@ -55,7 +61,7 @@ done
 cargo run --quiet -p serf-client --example members
 
 echo "==> serf-operator local mode on examples/, following demo-web (role=web)"
-POD_NAMESPACE=serf-system target/debug/serf-operator local --handlers examples >"$work/operator.yaml" 2>"$work/operator.err" &
+POD_NAMESPACE=serf-system "$operator" local --handlers examples >"$work/operator.yaml" 2>"$work/operator.err" &
 pids+=($!)
 for _ in $(seq 1 50); do grep -q "following the serf agent" "$work/operator.err" && break; sleep 0.2; done
 
