@@ -169,6 +169,41 @@ pub fn expand(template: &str, vars: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// A Serf-derived value made safe for a Pod spec field that Kubernetes expands (`env[].value`,
+/// `command`, `args`): every `$` is doubled, so Kubernetes' expansion (`$$` → `$`,
+/// `$(NAME)` → NAME's value) gives back exactly `value`. Without it a payload such as
+/// `$(DB_PASSWORD)` would be replaced by the value of a variable the template defines
+/// (a Secret, say) before the container sees it.
+///
+/// Every value the operator derives from Serf data and writes into a Pod spec goes through
+/// this function ([`crate::jobs::serf_env_var`] is its one caller for the environment).
+pub fn kube_literal(value: &str) -> String {
+    value.replace('$', "$$")
+}
+
+/// The environment a container sees, computed from its `env` list as the kubelet does:
+/// in order, each `value` is expanded ([`expand`]) against the variables defined before it,
+/// and a `valueFrom` is taken from `resolve` (for a Secret or ConfigMap key, say) without
+/// expansion. A later entry with the same name replaces an earlier one.
+///
+/// This is the model the tests compare against: a Job's environment is checked after
+/// Kubernetes' expansion, not as written in the spec.
+pub fn container_env_after_expansion(
+    env: &[k8s_openapi::api::core::v1::EnvVar],
+    resolve: impl Fn(&k8s_openapi::api::core::v1::EnvVar) -> Option<String>,
+) -> BTreeMap<String, String> {
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for var in env {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) if !v.is_empty() => expand(v, &seen),
+            (_, Some(_)) => resolve(var).unwrap_or_default(),
+            _ => String::new(),
+        };
+        seen.insert(var.name.clone(), value);
+    }
+    seen
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +273,91 @@ mod tests {
         assert_eq!(env["SERF_PAYLOAD"], "\u{fffd}\u{fffd}a");
         assert_eq!(env["SERF_USER_LTIME"], "7");
         assert_eq!(env["SERF_TAG_ROLE"], "web");
+    }
+
+    #[test]
+    fn literal_values_survive_kubernetes_expansion() {
+        use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
+        let hostile: &[&str] = &[
+            "$(X)",
+            "$$",
+            "$(",
+            "$",
+            "a $(SERF_EVENT) b $$ c $(UNDEF)",
+            "$(DB_PASSWORD)",
+            "$$(DB_PASSWORD)",
+            "$$$(DB_PASSWORD)$",
+            "x$(DB_PASSWORD",
+            "\u{fffd}$(DB_PASSWORD)\u{fffd}",
+            "",
+        ];
+        for &value in hostile {
+            // The template defines a secret-backed variable first, then the Serf values.
+            let env = vec![
+                EnvVar {
+                    name: "DB_PASSWORD".into(),
+                    value: None,
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: "db".into(),
+                            key: "pw".into(),
+                            optional: None,
+                        }),
+                        ..Default::default()
+                    }),
+                },
+                EnvVar {
+                    name: "SERF_EVENT".into(),
+                    value: Some(kube_literal("user")),
+                    value_from: None,
+                },
+                EnvVar {
+                    name: "SERF_PAYLOAD".into(),
+                    value: Some(kube_literal(value)),
+                    value_from: None,
+                },
+            ];
+            let seen = container_env_after_expansion(&env, |_| Some("s3cret".into()));
+            assert_eq!(seen["DB_PASSWORD"], "s3cret");
+            assert_eq!(seen["SERF_PAYLOAD"], value, "payload {value:?}");
+            assert!(!seen["SERF_PAYLOAD"].contains("s3cret"));
+            // args: ["$(SERF_PAYLOAD)"] still receives the payload, unexpanded.
+            assert_eq!(expand("$(SERF_PAYLOAD)", &seen), value);
+        }
+        // Unescaped, the same payload would leak the secret: the model is not a no-op.
+        let env = vec![
+            EnvVar {
+                name: "DB_PASSWORD".into(),
+                value: Some("s3cret".into()),
+                value_from: None,
+            },
+            EnvVar {
+                name: "SERF_PAYLOAD".into(),
+                value: Some("$(DB_PASSWORD)".into()),
+                value_from: None,
+            },
+        ];
+        let seen = container_env_after_expansion(&env, |_| None);
+        assert_eq!(seen["SERF_PAYLOAD"], "s3cret");
+    }
+
+    #[test]
+    fn non_utf8_payload_values_are_literal_too() {
+        let node = SelfNode {
+            name: "n$(A)".into(),
+            tags: [("role".to_string(), "$(DB_PASSWORD)".to_string())].into(),
+        };
+        let ev = Event::User(UserEvent {
+            ltime: 7,
+            name: "$(X)".into(),
+            payload: vec![0xff, b'$', b'(', b'A', b')', 0x00],
+            coalesce: false,
+        });
+        let vars: BTreeMap<String, String> = [("A".to_string(), "leak".to_string())].into();
+        for (k, v) in environment(&ev, &node) {
+            let seen = expand(&kube_literal(&v), &vars);
+            assert_eq!(seen, v, "{k}");
+            assert!(!seen.contains("leak"), "{k}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Builds the Job (and the Secret that carries `/serf/stdin`) that a route launches for an
 //! event. Payloads reach the Job only as environment values and file content, never as
-//! part of a command line or of the manifest's structure.
+//! part of a command line or of the manifest's structure, and every environment value from
+//! Serf is escaped so that Kubernetes' `$(VAR)` expansion leaves it as sent.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +12,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use crate::contract;
 use crate::naming::label_value;
 
 /// Label: the SerfHandler that launched the Job.
@@ -120,19 +122,18 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
         .get_or_insert_with(Default::default)
         .extend(labels.clone());
     if let Some(pod) = spec.template.spec.as_mut() {
-        let env: Vec<EnvVar> = req
-            .env
-            .iter()
-            .map(|(k, v)| EnvVar {
-                name: k.clone(),
-                value: Some(v.clone()),
-                value_from: None,
-            })
-            .collect();
+        let env: Vec<EnvVar> = req.env.iter().map(|(k, v)| serf_env_var(k, v)).collect();
         let decorate = |c: &mut Container| {
-            let e = c.env.get_or_insert_with(Vec::new);
-            e.retain(|v| !env.iter().any(|s| s.name == v.name));
-            e.extend(env.iter().cloned());
+            // The `SERF_*` variables come first, so that the template's own variables can
+            // use `$(SERF_PAYLOAD)` and friends; a template variable of the same name is
+            // replaced by the operator's.
+            let own = c.env.take().unwrap_or_default();
+            let mut e = env.clone();
+            e.extend(
+                own.into_iter()
+                    .filter(|v| !env.iter().any(|s| s.name == v.name)),
+            );
+            c.env = Some(e);
             c.volume_mounts
                 .get_or_insert_with(Vec::new)
                 .push(VolumeMount {
@@ -192,6 +193,17 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
     (job, secret)
 }
 
+/// The one place a Serf-derived value becomes a container environment variable: the value
+/// is written so that Kubernetes' `$(VAR)` expansion gives the container exactly `value`
+/// ([`contract::kube_literal`]).
+pub fn serf_env_var(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(contract::kube_literal(value)),
+        value_from: None,
+    }
+}
+
 /// The owner reference that ties the stdin Secret to its Job.
 pub fn owned_by_job(secret: &mut Secret, job_name: &str, job_uid: &str) {
     secret.metadata.owner_references = Some(vec![OwnerReference {
@@ -202,4 +214,81 @@ pub fn owned_by_job(secret: &mut Secret, job_name: &str, job_uid: &str) {
         controller: Some(false),
         block_owner_deletion: Some(false),
     }]);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::contract::{container_env_after_expansion, expand};
+
+    fn template() -> JobTemplateSpec {
+        serde_json::from_value(serde_json::json!({
+            "spec": {"template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "c", "image": "busybox",
+                    "args": ["$(SERF_PAYLOAD)", "$$(SERF_PAYLOAD)"],
+                    "env": [
+                        {"name": "DB_PASSWORD",
+                         "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}},
+                        {"name": "MSG", "value": "got $(SERF_PAYLOAD)"},
+                        {"name": "SERF_EVENT", "value": "overridden"}
+                    ]
+                }]
+            }}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn serf_values_reach_the_container_as_sent_and_the_template_can_use_them() {
+        let handler = HandlerRef {
+            namespace: "ns".into(),
+            name: "h".into(),
+            uid: None,
+        };
+        let template = template();
+        for payload in [
+            "a $(SERF_EVENT) b $$ c $(UNDEF)",
+            "$(DB_PASSWORD)",
+            "$(MSG)$(",
+            "plain",
+        ] {
+            let env = vec![
+                ("SERF_EVENT".to_string(), "user".to_string()),
+                ("SERF_PAYLOAD".to_string(), payload.to_string()),
+            ];
+            let (job, _) = build(&JobRequest {
+                handler: &handler,
+                route: "r",
+                template: &template,
+                name: "h-r-1".into(),
+                env: &env,
+                stdin: payload.as_bytes().to_vec(),
+                event_kind: "user",
+                event_name: Some("x"),
+                event_description: "user:x@1",
+                replayed: false,
+            });
+            let c = &job.spec.unwrap().template.spec.unwrap().containers[0];
+            let vars = c.env.as_ref().unwrap();
+            // SERF_* first, then the template's own; the template's SERF_EVENT is replaced.
+            let names: Vec<&str> = vars.iter().map(|v| v.name.as_str()).collect();
+            assert_eq!(names, ["SERF_EVENT", "SERF_PAYLOAD", "DB_PASSWORD", "MSG"]);
+            let seen = container_env_after_expansion(vars, |_| Some("s3cret".into()));
+            assert_eq!(seen["SERF_PAYLOAD"], payload);
+            assert_eq!(seen["SERF_EVENT"], "user");
+            assert_eq!(seen["MSG"], format!("got {payload}"));
+            assert!(!seen["SERF_PAYLOAD"].contains("s3cret"));
+            let args: Vec<String> = c
+                .args
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|a| expand(a, &seen))
+                .collect();
+            assert_eq!(args, [payload, "$(SERF_PAYLOAD)"]);
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use serf_client::{Client, ClientConfig, Event, QueryParams};
-use serf_operator::contract::SelfNode;
+use serf_operator::contract::{SelfNode, container_env_after_expansion};
 use serf_operator::engine::{Action, Context, Engine, Membership, NoActiveJobs};
 use serf_operator::manifests::parse_handlers;
 use serf_testkit::{Agent, AgentConfig};
@@ -26,8 +26,16 @@ spec:
           template:
             spec:
               restartPolicy: Never
-              containers: [{name: c, image: busybox}]
+              containers:
+                - name: c
+                  image: busybox
+                  env:
+                    - name: DB_PASSWORD
+                      valueFrom: {secretKeyRef: {name: db, key: pw}}
 "#;
+
+/// What the secret-backed variable of the template resolves to in the Pod.
+const SECRET: &str = "s3cret-value";
 
 /// One invocation of the handler script.
 #[derive(Debug)]
@@ -116,6 +124,7 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
             .tag("role", "web")
             .tag("dc", "east")
             .tag("my-tag.x", "v1")
+            .tag("note", "$(DB_PASSWORD) $$ $(SERF_EVENT)")
             .event_handler(script.display().to_string()),
         &[],
     )
@@ -132,6 +141,10 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
             tags: [
                 ("dc".to_string(), "east".to_string()),
                 ("my-tag.x".to_string(), "v1".to_string()),
+                (
+                    "note".to_string(),
+                    "$(DB_PASSWORD) $$ $(SERF_EVENT)".to_string()
+                ),
                 ("role".to_string(), "web".to_string()),
             ]
             .into()
@@ -146,6 +159,15 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
         .unwrap();
     client.event("empty", b"", false).await.unwrap();
     client.event("nl", b"line\n", false).await.unwrap();
+    // Hostile payloads: Kubernetes' own `$(VAR)` syntax, escapes and a secret's name.
+    client
+        .event("hostile", b"a $(SERF_EVENT) b $$ c $(UNDEF) $(", false)
+        .await
+        .unwrap();
+    client
+        .event("secret", b"$(DB_PASSWORD)\xff$$(DB_PASSWORD)", false)
+        .await
+        .unwrap();
     // A member joins, changes its tags, fails.
     let mut node2 = Agent::start(
         AgentConfig::new("contract-2").tag("role", "db"),
@@ -199,13 +221,14 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
             .as_ref()
             .unwrap()
             .containers[0];
-        let job_env: BTreeMap<String, String> = container
-            .env
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-            .collect();
+        // The environment the container sees, after Kubernetes' `$(VAR)` expansion.
+        let mut job_env = container_env_after_expansion(container.env.as_ref().unwrap(), |v| {
+            (v.name == "DB_PASSWORD").then(|| SECRET.to_string())
+        });
+        assert_eq!(job_env.remove("DB_PASSWORD").as_deref(), Some(SECRET));
+        for (k, v) in &job_env {
+            assert!(!v.contains(SECRET), "{k} leaks the secret: {v:?}");
+        }
         let job_stdin = launch.stdin.data.as_ref().unwrap()["stdin"].0.clone();
 
         // The script's record of the same event (the handler runs synchronously in the
@@ -231,6 +254,24 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
                 outcome.event
             );
         }
+        // The payload, which Serf gives only on stdin, reaches SERF_PAYLOAD exactly.
+        if let Event::User(u) = &ev {
+            match serf_operator::contract::plain_text(&u.payload) {
+                Some(text) => assert_eq!(job_env["SERF_PAYLOAD"], text, "{}", outcome.event),
+                None => {
+                    use base64::Engine as _;
+                    let b64 = &job_env["SERF_PAYLOAD_BASE64"];
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .unwrap();
+                    assert_eq!(bytes, u.payload, "{}", outcome.event);
+                    assert_eq!(
+                        job_env["SERF_PAYLOAD"],
+                        String::from_utf8_lossy(&u.payload).replace('\0', "\u{fffd}")
+                    );
+                }
+            }
+        }
         match &ev {
             Event::Member(_) => assert_eq!(
                 normalize_member_stdin(&job_stdin),
@@ -242,7 +283,7 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
         }
         *kinds_checked.entry(ev.kind().to_string()).or_default() += 1;
     }
-    assert_eq!(kinds_checked.get("user"), Some(&4), "{kinds_checked:?}");
+    assert_eq!(kinds_checked.get("user"), Some(&6), "{kinds_checked:?}");
     for k in ["query", "member-join", "member-update", "member-failed"] {
         assert!(
             kinds_checked.contains_key(k),
