@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -244,4 +244,65 @@ pub fn env_of(job: &Job) -> std::collections::BTreeMap<String, String> {
         .into_iter()
         .map(|e| (e.name, e.value.unwrap_or_default()))
         .collect()
+}
+
+/// The image for Jobs that must really run on a node: `SERF_E2E_IMAGE`, else the local node's
+/// `localhost/busybox:static` when the node holds it, else `busybox:1.36`. `None`, after a
+/// loud notice, when no node is Ready (the cluster runs no Pods).
+pub async fn node_image_or_skip(client: &Client, suite: &str) -> Option<String> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let list = match nodes.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) => panic!("listing nodes: {e}"),
+    };
+    let ready: Vec<&Node> = list
+        .iter()
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .collect();
+    if ready.is_empty() {
+        eprintln!(
+            "\n*** SKIPPED: {suite} needs a Ready node that runs Pods; the cluster has none ***\n"
+        );
+        return None;
+    }
+    if let Ok(image) = std::env::var("SERF_E2E_IMAGE") {
+        return Some(image);
+    }
+    let local = "localhost/busybox:static";
+    let has_local = ready.iter().any(|n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.images.as_ref())
+            .is_some_and(|imgs| {
+                imgs.iter().any(|i| {
+                    i.names
+                        .as_ref()
+                        .is_some_and(|n| n.iter().any(|x| x.ends_with(local)))
+                })
+            })
+    });
+    Some(if has_local { local } else { "busybox:1.36" }.to_string())
+}
+
+/// Waits (30 s at most) for the `default` ServiceAccount of `ns`, without which no Pod can be
+/// created there.
+///
+/// # Errors
+/// The API error, or no ServiceAccount within 30 s.
+pub async fn wait_for_default_service_account(client: &Client, ns: &str) -> anyhow::Result<()> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.get_opt("default").await?.is_none() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no default ServiceAccount in {ns}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
 }

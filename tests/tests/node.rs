@@ -1,0 +1,202 @@
+//! End to end on a real cluster with a real node (KUBECONFIG, and a Ready node that runs
+//! Pods): what only a running container shows. A hostile Serf payload reaches the Job's
+//! container byte for byte (in `SERF_PAYLOAD`, through `args: ["$(SERF_PAYLOAD)"]`, in a
+//! template variable built from it, and at `/serf/stdin`), and a Secret-backed variable of
+//! the template never leaks into it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Api;
+use kube::api::{ListParams, LogParams, Patch, PatchParams, PostParams};
+use serf_client::ClientConfig;
+use serf_operator_crds::SerfHandler;
+use serf_operator_e2e::{
+    OperatorProcess, TempNamespace, cluster_or_skip, eventually, install_crds, jobs,
+    node_image_or_skip, wait_for_default_service_account,
+};
+use serf_testkit::{Agent, AgentConfig};
+
+/// Shell script run by the Job's container: prints what the container received, one value
+/// a line (none of the values holds a newline), then `/serf/stdin`. It names no `$(...)`,
+/// so Kubernetes leaves it alone; `$0` is the first argument, `$(SERF_PAYLOAD)` in `args`.
+const SCRIPT: &str = r#"printf 'ENV=%s\n' "$SERF_PAYLOAD"
+printf 'ARG=%s\n' "$0"
+printf 'MSG=%s\n' "$MSG"
+printf 'TAG=%s\n' "$SERF_TAG_NOTE"
+printf 'NAME=%s\n' "$SERF_USER_EVENT"
+printf 'PW=%s\n' "$DB_PASSWORD"
+printf 'STDIN='
+cat /serf/stdin"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_payloads_reach_a_real_container_unchanged() {
+    let Some(client) = cluster_or_skip("the real-node suite").await else {
+        return;
+    };
+    let Some(image) = node_image_or_skip(&client, "the real-node suite").await else {
+        return;
+    };
+    install_crds(&client).await.unwrap();
+    let ns = TempNamespace::create(&client, "node").await.unwrap();
+    let ns = ns.name.clone();
+    wait_for_default_service_account(&client, &ns)
+        .await
+        .unwrap();
+    let work = std::env::temp_dir().join(format!("serf-e2e-node-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let log = work.join("operator.log");
+    eprintln!("operator log: {}", log.display());
+
+    // A Secret the template reads with envFrom: its variables are defined before every
+    // `env` entry, so an unescaped `$(DB_PASSWORD)` in a Serf value would be replaced.
+    let secret_value = format!("s3cret-{}", std::process::id());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "db"},
+        "stringData": {"DB_PASSWORD": secret_value},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    let handler = serde_json::json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+        "metadata": {"name": "hostile", "namespace": ns},
+        "spec": {"routes": [{
+            "name": "show", "events": "user",
+            "job": {"spec": {"backoffLimit": 0, "template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "show", "image": image, "imagePullPolicy": "IfNotPresent",
+                    "command": ["sh", "-c", SCRIPT, "$(SERF_PAYLOAD)"],
+                    "envFrom": [{"secretRef": {"name": "db"}}],
+                    "env": [{"name": "MSG", "value": "got $(SERF_PAYLOAD)"}],
+                }],
+            }}}},
+        }]},
+    });
+    let hapi: Api<SerfHandler> = Api::namespaced(client.clone(), &ns);
+    hapi.patch(
+        "hostile",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&handler),
+    )
+    .await
+    .unwrap();
+
+    // The operator's node carries a tag whose value is Kubernetes syntax too.
+    let tag = "$(DB_PASSWORD) $$ $(SERF_EVENT)";
+    let op = Agent::start(
+        AgentConfig::new("e2e-node-op")
+            .tag("role", "web")
+            .tag("note", tag),
+        &[],
+    )
+    .unwrap();
+    let metrics = serf_testkit::free_port().unwrap();
+    let _operator = OperatorProcess::start(
+        &[
+            "--namespaces",
+            &ns,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ],
+        &[
+            ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
+            ("POD_NAMESPACE", ns.clone()),
+            ("RUST_LOG", "info,serf_operator=debug".to_string()),
+        ],
+        log.clone(),
+    )
+    .unwrap();
+    eventually("the operator's stream", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("following the Serf agent")
+            .then_some(())
+    })
+    .await;
+    // The handler's routes are compiled once the operator's cache holds it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let serf = serf_client::Client::connect(ClientConfig::new(op.rpc_addr().to_string()))
+        .await
+        .unwrap();
+    let cases: &[(&str, &str)] = &[
+        (
+            "show-subst",
+            "a $(SERF_EVENT) b $$ c $(UNDEF) $(DB_PASSWORD) $(KUBERNETES_SERVICE_HOST) $(",
+        ),
+        ("show-escape", "$$(DB_PASSWORD)$$$(MSG)$"),
+    ];
+    for (name, payload) in cases {
+        serf.event(name, payload.as_bytes(), false).await.unwrap();
+    }
+    let job_api: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for (name, payload) in cases {
+        let job = eventually(
+            &format!("Job for {name}"),
+            Duration::from_secs(30),
+            || async {
+                jobs(&client, &ns, "show").await.into_iter().find(|j| {
+                    j.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("serf.operator.io/event-name"))
+                        .is_some_and(|n| n == name)
+                })
+            },
+        )
+        .await;
+        let job_name = job.metadata.name.clone().unwrap();
+        eventually(
+            &format!("Job {job_name} Complete on the node"),
+            Duration::from_secs(90),
+            || async {
+                let j = job_api.get(&job_name).await.unwrap();
+                let st = j.status.unwrap_or_default();
+                assert_eq!(st.failed.unwrap_or(0), 0, "Job {job_name} failed");
+                (st.succeeded.unwrap_or(0) >= 1).then_some(())
+            },
+        )
+        .await;
+        let pod = pods
+            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .next()
+            .unwrap();
+        let out = pods
+            .logs(&pod.metadata.name.unwrap(), &LogParams::default())
+            .await
+            .unwrap();
+        let seen: BTreeMap<&str, &str> = out.lines().filter_map(|l| l.split_once('=')).collect();
+        eprintln!("{name}: container output:\n{out}");
+        assert_eq!(seen["ENV"], *payload, "SERF_PAYLOAD in the container");
+        assert_eq!(seen["ARG"], *payload, "args: [$(SERF_PAYLOAD)]");
+        assert_eq!(
+            seen["MSG"],
+            format!("got {payload}"),
+            "the template's own env"
+        );
+        assert_eq!(seen["TAG"], tag, "SERF_TAG_NOTE");
+        assert_eq!(seen["NAME"], *name, "SERF_USER_EVENT");
+        assert_eq!(seen["PW"], secret_value, "the Secret is in the container");
+        assert_eq!(seen["STDIN"], *payload, "/serf/stdin");
+        for (k, v) in &seen {
+            if *k != "PW" {
+                assert!(!v.contains(&secret_value), "{k} leaks the Secret: {v}");
+            }
+        }
+    }
+}
