@@ -1,35 +1,77 @@
-//! Creates the Jobs the engine decides on, exactly once per event: 409 AlreadyExists is
-//! "already launched"; 429, 5xx and transport errors are retried with bounded backoff; any
-//! other 4xx is final and its message is reported. Talks to the API server.
+//! Creates the Jobs the engine decides on, exactly once per event, and holds **the retry
+//! policy for Job creation** ([`RetryPolicy`]): 409 AlreadyExists is "already launched"; a
+//! transient failure (the API server unreachable, hanging, 429 or 5xx) is retried with capped
+//! exponential backoff until the launch's deadline, so an API server that restarts loses
+//! nothing; any other 4xx is final and its message is reported. Talks to the API server.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, PostParams, PropagationPolicy};
 use kube::{Api, Client};
 
 use crate::engine::Launch;
+use crate::error::{Category, Error, kube_call};
 use crate::jobs;
 
-/// How often and how patiently to retry a create that can succeed later.
+/// How patiently a Job create is retried while it can succeed later.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
-    /// Attempts in all (at least 1).
-    pub attempts: u32,
-    /// Delay before the second attempt; doubles each time.
+    /// Delay before the second attempt; doubles each time (with jitter).
     pub initial: Duration,
-    /// Longest delay.
+    /// Longest delay between attempts: how soon a recovered API server is noticed.
     pub max: Duration,
+    /// How long after the event's arrival a launch is still attempted
+    /// (`--launch-deadline`); past it a transient failure is final.
+    pub deadline: Duration,
+    /// How long one API call may take before it counts as a transient failure (an API
+    /// server that accepts connections but does not answer).
+    pub call_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            attempts: 5,
             initial: Duration::from_millis(200),
             max: Duration::from_secs(5),
+            deadline: Duration::from_secs(15 * 60),
+            call_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl RetryPolicy {
+    /// The backoff for a launch whose event arrived at `received`.
+    fn backoff(&self, received: Instant) -> ExponentialBuilder {
+        let left = self.deadline.saturating_sub(received.elapsed());
+        ExponentialBuilder::default()
+            .with_min_delay(self.initial)
+            .with_max_delay(self.max)
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(left))
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or the deadline passes.
+    async fn run<T, F, Fut>(&self, received: Instant, what: &str, op: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, kube::Error>>,
+    {
+        let mut op = op;
+        let timeout = self.call_timeout;
+        let attempt = || kube_call(what, timeout, op());
+        attempt
+            .retry(self.backoff(received))
+            .sleep(tokio::time::sleep)
+            .when(|e: &Error| e.category() == Category::Transient)
+            .notify(|e: &Error, after: Duration| {
+                tracing::debug!(error = %e, ?after, "API call failed; retrying");
+            })
+            .await
     }
 }
 
@@ -46,8 +88,9 @@ pub enum LaunchResult {
         /// Job name.
         name: String,
     },
-    /// Not created. `code` is the HTTP status (None for a transport error); `retried` says
-    /// whether the failure outlasted the retries (429, 5xx, timeouts) or was final at once.
+    /// Not created. `code` is the HTTP status (None for a transport error or a timeout);
+    /// `retried` says whether the failure was transient and outlasted the launch deadline,
+    /// or was final at once.
     Failed {
         /// Job name.
         name: String,
@@ -55,7 +98,7 @@ pub enum LaunchResult {
         code: Option<u16>,
         /// The API server's message.
         message: String,
-        /// True when the error was retryable and the retries ran out.
+        /// True when the error was transient and the deadline passed.
         retried: bool,
     },
 }
@@ -69,53 +112,42 @@ impl LaunchResult {
             | LaunchResult::Failed { name, .. } => name,
         }
     }
-}
 
-fn retryable(e: &kube::Error) -> bool {
-    match e {
-        kube::Error::Api(s) => s.code == 429 || s.code >= 500,
-        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
-        _ => false,
+    fn failed(name: String, e: &Error, context: Option<String>) -> LaunchResult {
+        let message = match (&e, context) {
+            (
+                Error::Kube {
+                    source: kube::Error::Api(s),
+                    ..
+                },
+                None,
+            ) => s.message.clone(),
+            (Error::Kube { source, .. }, None) => source.to_string(),
+            (_, Some(c)) => format!("{c}: {}", api_message(e)),
+            (other, None) => other.to_string(),
+        };
+        LaunchResult::Failed {
+            name,
+            code: e.http_code(),
+            message,
+            retried: e.category() == Category::Transient,
+        }
     }
 }
 
-fn code_of(e: &kube::Error) -> Option<u16> {
+fn api_message(e: &Error) -> String {
     match e {
-        kube::Error::Api(s) => Some(s.code),
-        _ => None,
-    }
-}
-
-fn message_of(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(s) => s.message.clone(),
+        Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        } => s.message.clone(),
+        Error::Kube { source, .. } => source.to_string(),
         other => other.to_string(),
     }
 }
 
-/// Runs `op` until it succeeds, fails for good, or the attempts run out.
-async fn with_retries<T, F, Fut>(policy: RetryPolicy, mut op: F) -> Result<T, (kube::Error, bool)>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, kube::Error>>,
-{
-    let mut delay = policy.initial;
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if retryable(&e) && attempt < policy.attempts.max(1) => {
-                tracing::debug!(error = %e, attempt, "retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(policy.max);
-                attempt += 1;
-            }
-            Err(e) => {
-                let retried = retryable(&e);
-                return Err((e, retried));
-            }
-        }
-    }
+fn is_code(e: &Error, code: u16) -> bool {
+    e.http_code() == Some(code)
 }
 
 /// Creates Jobs and their stdin Secrets.
@@ -132,76 +164,99 @@ impl Launcher {
     }
 
     /// Creates the Job (after deleting the Jobs it replaces) and then its stdin Secret,
-    /// owned by the Job.
+    /// owned by the Job, retrying what can succeed later until `received` + the deadline.
     pub async fn launch(&self, l: &Launch) -> LaunchResult {
+        self.launch_since(l, Instant::now()).await
+    }
+
+    /// [`Launcher::launch`] for an event that arrived at `received` (the deadline counts
+    /// from then).
+    pub async fn launch_since(&self, l: &Launch, received: Instant) -> LaunchResult {
         let ns = l.handler.namespace.as_str();
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), ns);
         let name = l.job.metadata.name.clone().unwrap_or_default();
+        let policy = self.retry;
         for old in &l.replace {
             let dp = DeleteParams {
                 propagation_policy: Some(PropagationPolicy::Background),
                 ..Default::default()
             };
-            match with_retries(self.retry, || jobs.delete(old, &dp)).await {
+            match policy
+                .run(received, "delete the replaced Job", || {
+                    jobs.delete(old, &dp)
+                })
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(job = %old, replaced_by = %name, "deleted the Job it replaces")
                 }
-                Err((kube::Error::Api(s), _)) if s.code == 404 => {}
-                Err((e, retried)) => {
-                    return LaunchResult::Failed {
+                Err(e) if is_code(&e, 404) => {}
+                Err(e) => {
+                    return LaunchResult::failed(
                         name,
-                        code: code_of(&e),
-                        message: format!(
-                            "cannot delete Job {old} to replace it: {}",
-                            message_of(&e)
-                        ),
-                        retried,
-                    };
+                        &e,
+                        Some(format!("cannot delete Job {old} to replace it")),
+                    );
                 }
             }
         }
         let pp = PostParams::default();
-        let created = with_retries(self.retry, || jobs.create(&pp, &l.job)).await;
+        // A create that timed out or lost its connection may have been applied: a 409 on a
+        // later attempt is then this launch's own Job.
+        let uncertain = AtomicBool::new(false);
+        let created = policy
+            .run(received, "create the Job", || {
+                let call = jobs.create(&pp, &l.job);
+                let uncertain = &uncertain;
+                async move {
+                    let r = call.await;
+                    if matches!(r, Err(kube::Error::HyperError(_) | kube::Error::Service(_))) {
+                        uncertain.store(true, Ordering::Relaxed);
+                    }
+                    r
+                }
+            })
+            .await;
         let (result, uid) = match created {
             Ok(job) => (
                 LaunchResult::Created { name: name.clone() },
                 job.metadata.uid.clone(),
             ),
-            Err((kube::Error::Api(s), _)) if s.code == 409 => {
+            Err(e) if is_code(&e, 409) => {
                 // Launched before. Its Secret may be missing if the earlier run stopped in
                 // between: look the Job up and make sure.
-                let uid = with_retries(self.retry, || jobs.get(&name))
+                let uid = policy
+                    .run(received, "read the existing Job", || jobs.get(&name))
                     .await
                     .ok()
                     .and_then(|j| j.metadata.uid);
-                (LaunchResult::AlreadyLaunched { name: name.clone() }, uid)
-            }
-            Err((e, retried)) => {
-                return LaunchResult::Failed {
-                    name,
-                    code: code_of(&e),
-                    message: message_of(&e),
-                    retried,
+                let result = if uncertain.load(Ordering::Relaxed) {
+                    LaunchResult::Created { name: name.clone() }
+                } else {
+                    LaunchResult::AlreadyLaunched { name: name.clone() }
                 };
+                (result, uid)
             }
+            Err(e) => return LaunchResult::failed(name, &e, None),
         };
         if let Some(uid) = uid {
             let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
             let mut secret = l.stdin.clone();
             jobs::owned_by_job(&mut secret, &name, &uid);
-            match with_retries(self.retry, || secrets.create(&pp, &secret)).await {
+            match policy
+                .run(received, "create the /serf/stdin Secret", || {
+                    secrets.create(&pp, &secret)
+                })
+                .await
+            {
                 Ok(_) => {}
-                Err((kube::Error::Api(s), _)) if s.code == 409 => {}
-                Err((e, retried)) => {
-                    return LaunchResult::Failed {
+                Err(e) if is_code(&e, 409) => {}
+                Err(e) => {
+                    return LaunchResult::failed(
                         name,
-                        code: code_of(&e),
-                        message: format!(
-                            "Job created but its /serf/stdin Secret is not: {}",
-                            message_of(&e)
-                        ),
-                        retried,
-                    };
+                        &e,
+                        Some("Job created but its /serf/stdin Secret is not".into()),
+                    );
                 }
             }
         }

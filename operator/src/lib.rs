@@ -2,6 +2,7 @@
 
 pub mod contract;
 pub mod engine;
+pub mod error;
 pub mod jobs;
 pub mod launcher;
 pub mod ledger;

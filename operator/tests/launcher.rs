@@ -24,9 +24,10 @@ fn mock() -> (Client, Handle) {
 
 fn fast() -> RetryPolicy {
     RetryPolicy {
-        attempts: 3,
         initial: Duration::from_millis(5),
         max: Duration::from_millis(20),
+        deadline: Duration::from_secs(30),
+        call_timeout: Duration::from_secs(2),
     }
 }
 
@@ -232,23 +233,37 @@ async fn server_errors_are_retried_then_reported() {
         LaunchResult::Created { name: name.clone() }
     );
 
-    // Three 500s in a row: the attempts run out and the failure says so.
-    let task = tokio::spawn({
+    // 503 until the launch deadline: the failure says the deadline passed.
+    let short = RetryPolicy {
+        deadline: Duration::from_millis(150),
+        ..fast()
+    };
+    let mut task = tokio::spawn({
         let l = l.clone();
-        async move { Launcher::new(client, fast()).launch(&l).await }
+        async move { Launcher::new(client, short).launch(&l).await }
     });
-    for _ in 0..3 {
-        expect(
-            &mut h,
-            Method::POST,
-            JOBS,
-            503,
-            status(503, "ServiceUnavailable", "down"),
-        )
-        .await;
-    }
+    let mut attempts = 0;
+    let result = loop {
+        tokio::select! {
+            r = &mut task => break r.unwrap(),
+            Some((req, send)) = h.next_request() => {
+                assert_eq!(req.uri().path(), JOBS);
+                attempts += 1;
+                send.send_response(
+                    Response::builder()
+                        .status(503)
+                        .body(Body::from(serde_json::to_vec(&status(503, "ServiceUnavailable", "down")).unwrap()))
+                        .unwrap(),
+                );
+            }
+        }
+    };
+    assert!(
+        attempts >= 3,
+        "retried until the deadline: {attempts} attempts"
+    );
     assert_eq!(
-        task.await.unwrap(),
+        result,
         LaunchResult::Failed {
             name,
             code: Some(503),
@@ -256,6 +271,39 @@ async fn server_errors_are_retried_then_reported() {
             retried: true
         }
     );
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn an_api_server_that_never_answers_is_retried_until_it_does() {
+    let (client, mut h) = mock();
+    let l = launch("Allow");
+    let name = l.job.metadata.name.clone().unwrap();
+    let policy = RetryPolicy {
+        call_timeout: Duration::from_millis(100),
+        ..fast()
+    };
+    let task = tokio::spawn({
+        let l = l.clone();
+        async move { Launcher::new(client, policy).launch(&l).await }
+    });
+    // Two requests hang (never answered): each times out and is retried.
+    let mut hung = Vec::new();
+    for _ in 0..2 {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), h.next_request())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.uri().path(), JOBS);
+        hung.push(send);
+    }
+    // Then the API server is back: the Job is created, once.
+    let mut created = serde_json::to_value(&l.job).unwrap();
+    created["metadata"]["uid"] = json!("u");
+    expect(&mut h, Method::POST, JOBS, 201, created).await;
+    expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
+    assert_eq!(task.await.unwrap(), LaunchResult::Created { name });
+    drop(hung);
     no_more_requests(&mut h).await;
 }
 
