@@ -63,7 +63,7 @@ cargo run --quiet -p serf-client --example members
 echo "==> serf-operator local mode on examples/, following demo-web (role=web)"
 POD_NAMESPACE=serf-system "$operator" local --handlers examples >"$work/operator.yaml" 2>"$work/operator.err" &
 pids+=($!)
-for _ in $(seq 1 50); do grep -q "following the serf agent" "$work/operator.err" && break; sleep 0.2; done
+for _ in $(seq 1 50); do grep -q "following the Serf agent" "$work/operator.err" && break; sleep 0.2; done
 
 echo "==> firing user event deploy=v1.2.3"
 cargo run --quiet -p serf-client --example event -- deploy v1.2.3 --no-coalesce

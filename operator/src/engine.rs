@@ -399,7 +399,8 @@ fn index_keys(filter: &EventFilter) -> Vec<IndexKey> {
     keys
 }
 
-/// Why a route did not act on an event that its filter takes.
+/// Why a route did not act on an event that its filter takes: the one list of skip reasons,
+/// as they appear in status (`lastSkipped.reason`) and Events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SkipReason {
     /// The operator node's role does not match the handler's `role`.
@@ -414,6 +415,15 @@ pub enum SkipReason {
     AlreadyAnswered,
     /// The expanded answer is over Serf's response limit.
     ResponseTooLarge,
+    /// The answer could not be sent to the agent.
+    AnswerFailed,
+    /// The event's Job was launched before (the Job exists, or the launch ledger has it).
+    Duplicate,
+    /// The API server refused the Job, or stayed unreachable past the launch deadline.
+    JobCreateFailed,
+    /// The launch could not even be queued (the launch queue was full) or was cut short by
+    /// a shutdown.
+    LaunchDropped,
 }
 
 impl SkipReason {
@@ -426,6 +436,10 @@ impl SkipReason {
             SkipReason::ConcurrencyForbid => "ConcurrencyForbid",
             SkipReason::AlreadyAnswered => "AlreadyAnswered",
             SkipReason::ResponseTooLarge => "ResponseTooLarge",
+            SkipReason::AnswerFailed => "AnswerFailed",
+            SkipReason::Duplicate => "Duplicate",
+            SkipReason::JobCreateFailed => "JobCreateFailed",
+            SkipReason::LaunchDropped => "LaunchDropped",
         }
     }
 
@@ -445,7 +459,7 @@ impl fmt::Display for SkipReason {
 }
 
 /// A Job to create.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Launch {
     /// The handler.
     pub handler: HandlerRef,

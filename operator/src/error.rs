@@ -150,6 +150,24 @@ pub async fn kube_call<T>(
     }
 }
 
+/// [`kube_call`] for a step that already returns this crate's [`Error`].
+///
+/// # Errors
+/// The step's error, or the timeout.
+pub async fn timed<T>(
+    what: &str,
+    after: Duration,
+    step: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(after, step).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::KubeTimeout {
+            what: what.to_string(),
+            after,
+        }),
+    }
+}
+
 /// Operator result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -38,7 +38,9 @@ pub const STDIN_FILE: &str = "stdin";
 const STDIN_VOLUME: &str = "serf-operator-stdin";
 
 /// The SerfHandler a Job belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct HandlerRef {
     /// Namespace (the Job's namespace too).
     pub namespace: String,
@@ -46,6 +48,17 @@ pub struct HandlerRef {
     pub name: String,
     /// UID, for the owner reference (absent in local mode).
     pub uid: Option<String>,
+}
+
+impl HandlerRef {
+    /// The reference to a SerfHandler object (its namespace, name and UID).
+    pub fn of(h: &serf_operator_crds::SerfHandler) -> HandlerRef {
+        HandlerRef {
+            namespace: h.metadata.namespace.clone().unwrap_or_default(),
+            name: h.metadata.name.clone().unwrap_or_default(),
+            uid: h.metadata.uid.clone(),
+        }
+    }
 }
 
 impl std::fmt::Display for HandlerRef {

@@ -17,6 +17,7 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use crate::engine::Membership;
+use crate::error::Error;
 use crate::jobs::HandlerRef;
 
 /// Field manager of everything the operator writes with server-side apply.
@@ -54,6 +55,14 @@ impl Ledger {
         self.handlers
             .get(&(h.namespace.clone(), h.name.clone()))
             .is_some_and(|l| l.loaded)
+    }
+
+    /// Whether `job` is in the handler's ledger and that ledger has been written since
+    /// (nothing recorded is waiting to be persisted).
+    pub fn is_recorded(&self, h: &HandlerRef, job: &str) -> bool {
+        self.handlers
+            .get(&(h.namespace.clone(), h.name.clone()))
+            .is_some_and(|l| l.loaded && !l.dirty && l.entries.contains_key(job))
     }
 
     /// Merges what was read from the cluster.
@@ -183,15 +192,19 @@ pub const MEMBERSHIP_CONFIGMAP: &str = "serf-operator-membership";
 ///
 /// # Errors
 /// Any API error but 404, or a record that does not decode.
-pub async fn read_membership(client: &Client, namespace: &str) -> anyhow::Result<Membership> {
+pub async fn read_membership(client: &Client, namespace: &str) -> Result<Membership, Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     match api
         .get_opt(MEMBERSHIP_CONFIGMAP)
-        .await?
+        .await
+        .map_err(|e| Error::kube("read the membership record", e))?
         .and_then(|cm| cm.data)
         .and_then(|mut d| d.remove("membership.json"))
     {
-        Some(text) => Ok(serde_json::from_str(&text)?),
+        Some(text) => serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+            what: format!("ConfigMap {MEMBERSHIP_CONFIGMAP}"),
+            message: e.to_string(),
+        }),
         None => Ok(Membership::default()),
     }
 }
@@ -204,20 +217,25 @@ pub async fn write_membership(
     client: &Client,
     namespace: &str,
     m: &Membership,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
+    let text = serde_json::to_string(m).map_err(|e| Error::Corrupt {
+        what: "the membership record".into(),
+        message: e.to_string(),
+    })?;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let cm = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": MEMBERSHIP_CONFIGMAP, "namespace": namespace,
                      "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}},
-        "data": {"membership.json": serde_json::to_string(m)?},
+        "data": {"membership.json": text},
     });
     api.patch(
         MEMBERSHIP_CONFIGMAP,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(cm),
     )
-    .await?;
+    .await
+    .map_err(|e| Error::kube("write the membership record", e))?;
     Ok(())
 }
 

@@ -1,15 +1,33 @@
-//! serf-operator: the routing engine, the Job contract and local mode.
+//! serf-operator: makes a Kubernetes cluster a citizen of a HashiCorp Serf cluster.
+//!
+//! Where things are:
+//! - the routing rules (pure, no Kubernetes client): [`engine`];
+//! - the Job contract (`SERF_*`, `/serf/stdin`, what Kubernetes expands): [`contract`] and
+//!   [`jobs`];
+//! - the event path (Serf link → queue → dispatcher → effects): [`dispatch`], with the
+//!   Kubernetes effects in [`effects`] and local mode's printer in [`local`];
+//! - how a trigger fires: [`trigger`] (decision and send) and [`controller::trigger`];
+//! - leader election: [`leader`];
+//! - the retry policy for Job creation: [`launcher`];
+//! - the state written back (status, ledgers, membership): [`state`], [`status`], [`ledger`];
+//! - errors and their retry category: [`error`]; admin endpoints: [`admin`]; wiring: [`run`].
 
+pub mod admin;
 pub mod contract;
+pub mod controller;
+pub mod dispatch;
+pub mod effects;
 pub mod engine;
 pub mod error;
 pub mod jobs;
 pub mod launcher;
+pub mod leader;
 pub mod ledger;
 pub mod local;
 pub mod manifests;
 pub mod metrics;
 pub mod naming;
 pub mod run;
+pub mod state;
 pub mod status;
 pub mod trigger;

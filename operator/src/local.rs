@@ -1,5 +1,6 @@
 //! Local mode: routing without Kubernetes. `route` routes one event given on the command
-//! line; `local` follows a live Serf agent. Both print, as YAML, the Jobs that would be
+//! line; `local` follows a live Serf agent. Both run the dispatcher that `run` runs, with a
+//! printer as its effects ([`PrintEffects`]): they print, as YAML, the Jobs that would be
 //! created, the query answers, and why routes did not act.
 
 use std::collections::BTreeMap;
@@ -15,7 +16,9 @@ use serf_client::{
 use serf_operator_crds::SerfHandler;
 
 use crate::contract::SelfNode;
-use crate::engine::{Action, Context, Engine, Membership, NoActiveJobs, Outcome};
+use crate::dispatch::{Control, Dispatcher, DropReason, Effects, Input, RouteEvent, Severity};
+use crate::engine::{Action, Launch, Membership, NoActiveJobs, Outcome};
+use crate::jobs::HandlerRef;
 
 /// Errors of the command-line event description.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +221,70 @@ pub fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// The dispatcher's effects in local mode: every decision is printed as YAML; answers go to
+/// the agent when there is one (offline, `route`, they are only printed).
+pub struct PrintEffects<W> {
+    out: W,
+}
+
+impl<W: Write + Send> PrintEffects<W> {
+    /// A printer writing to `out`.
+    pub fn new(out: W) -> Self {
+        PrintEffects { out }
+    }
+
+    /// The writer.
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+impl<W: Write + Send> Effects for PrintEffects<W> {
+    fn decided(&mut self, outcome: &Outcome) {
+        let text = match render(outcome) {
+            Ok(t) => t,
+            Err(e) => format!("# cannot render {}: {e}\n", outcome.event),
+        };
+        let written = self
+            .out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush());
+        if let Err(e) = written {
+            tracing::error!(error = %e, "cannot write the output");
+        }
+    }
+
+    fn launch(&mut self, _launch: Box<Launch>, _event: &str, _received: std::time::Instant) {}
+
+    fn answer(
+        &mut self,
+        serf: Option<&serf_client::Client>,
+        query_id: u64,
+        payload: &[u8],
+    ) -> impl std::future::Future<Output = Result<(), serf_client::Error>> + Send {
+        let serf = serf.cloned();
+        let payload = payload.to_vec();
+        async move {
+            match serf {
+                Some(c) => c.respond(query_id, &payload).await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn record(&mut self, _: &HandlerRef, _: &str, _: &str, _: RouteEvent) {}
+
+    fn notify(&mut self, _: &HandlerRef, _: Severity, _: &'static str, _: String) {}
+
+    fn dropped(&mut self, reason: DropReason, count: u64) {
+        if reason == DropReason::Overflow {
+            tracing::warn!(count, "events dropped: the dispatcher fell behind");
+        }
+    }
+}
+
 /// Routes one event and returns the rendered YAML, with the route errors of the handlers.
+/// Coalesced routes also show the Job their window would produce.
 ///
 /// # Errors
 /// A YAML encoding error.
@@ -227,31 +293,32 @@ pub fn route_once(
     node: &SelfNode,
     event: &Event,
 ) -> Result<(String, Vec<String>), serde_yaml::Error> {
-    let mut engine = Engine::new(handlers, Membership::default());
-    let errors = engine
+    let (pod, ns) = pod_identity();
+    let mut d = Dispatcher::new(
+        Membership::default(),
+        (pod, ns),
+        true,
+        Box::new(NoActiveJobs),
+        PrintEffects::new(Vec::<u8>::new()),
+    );
+    d.set_node(node.clone());
+    futures::executor::block_on(async {
+        d.control(Control::Handlers(handlers.to_vec())).await;
+        d.input(Input::Event(event.clone(), std::time::Instant::now()))
+            .await;
+    });
+    let errors = d
+        .engine()
         .router()
         .errors()
         .iter()
         .map(ToString::to_string)
         .collect();
-    let (pod, ns) = pod_identity();
-    let ctx = Context {
-        node,
-        pod: (&pod, &ns),
-        active: &NoActiveJobs,
-        now: SystemTime::now(),
-        replayed: false,
-    };
-    let mut text = render(&engine.route(event, &ctx))?;
-    // Coalesced routes: show the Job the window would produce.
-    let later = Context {
-        now: engine.next_deadline().unwrap_or(ctx.now),
-        ..ctx
-    };
-    for o in engine.flush(&later) {
-        text.push_str(&render(&o)?);
+    if let Some(at) = d.next_deadline() {
+        d.flush_at(at);
     }
-    Ok((text, errors))
+    let out = std::mem::take(&mut d.effects().out);
+    Ok((String::from_utf8_lossy(&out).into_owned(), errors))
 }
 
 /// `POD_NAME` and `POD_NAMESPACE` from the environment (empty when unset).
@@ -264,90 +331,53 @@ pub fn pod_identity() -> (String, String) {
 
 /// Follows a live agent: routes every event, prints the results as YAML to `out`, and
 /// answers queries for `respond` routes on the connection that received them. Runs until
-/// `shutdown` resolves.
+/// `shutdown` resolves. The same dispatcher as `run`, with [`PrintEffects`].
 ///
 /// # Errors
 /// An invalid configuration; connection problems are retried, not returned.
 pub async fn run_local(
     handlers: Vec<SerfHandler>,
     client: ClientConfig,
-    mut out: impl Write,
+    out: impl Write + Send,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut engine = Engine::new(&handlers, Membership::default());
-    for e in engine.router().errors() {
+    let mut sub = Subscription::start(SubscriptionConfig::new(client, "*"))?;
+    let (input_tx, input_rx) = tokio::sync::mpsc::channel::<Input>(4096);
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel::<Control>(4);
+    let mut d = Dispatcher::new(
+        Membership::default(),
+        pod_identity(),
+        true,
+        Box::new(NoActiveJobs),
+        PrintEffects::new(out),
+    )
+    .without_catch_up();
+    d.control(Control::Handlers(handlers)).await;
+    for e in d.engine().router().errors() {
         tracing::warn!("{e}");
     }
-    let mut sub = Subscription::start(SubscriptionConfig::new(client, "*"))?;
-    let mut current: Option<serf_client::Client> = None;
-    let mut node = SelfNode::default();
-    let (pod, ns) = pod_identity();
-    tokio::pin!(shutdown);
-    loop {
-        let deadline = engine.next_deadline();
-        let sleep = async {
-            match deadline.and_then(|d| d.duration_since(SystemTime::now()).ok()) {
-                Some(d) => tokio::time::sleep(d).await,
-                None if deadline.is_some() => {}
-                None => std::future::pending().await,
-            }
-        };
-        let item = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = sleep => {
-                let ctx = Context { node: &node, pod: (&pod, &ns), active: &NoActiveJobs, now: SystemTime::now(), replayed: false };
-                for o in engine.flush(&ctx) {
-                    out.write_all(render(&o)?.as_bytes())?;
+    let reader = tokio::spawn(async move {
+        while let Some(item) = sub.next().await {
+            let input = match item {
+                SubscriptionItem::Connected { client, .. } => Input::Connected(client),
+                SubscriptionItem::Event(ev) => Input::Event(ev, std::time::Instant::now()),
+                SubscriptionItem::Disconnected { error } => Input::Disconnected(error.to_string()),
+                SubscriptionItem::Lagged { missed } => Input::Lagged(missed),
+                SubscriptionItem::Undecodable(e) => {
+                    tracing::warn!(error = %e, "undecodable event");
+                    continue;
                 }
-                out.flush()?;
-                continue;
+                _ => continue,
+            };
+            if input_tx.send(input).await.is_err() {
+                return;
             }
-            item = sub.next() => item,
-        };
-        let Some(item) = item else {
-            return Ok(());
-        };
-        match item {
-            SubscriptionItem::Connected { client, epoch } => {
-                node = self_node(&client).await.unwrap_or_default();
-                tracing::info!(epoch, node = %node.name, role = node.role(), "following the serf agent");
-                current = Some(client);
-            }
-            SubscriptionItem::Event(ev) => {
-                let ctx = Context {
-                    node: &node,
-                    pod: (&pod, &ns),
-                    active: &NoActiveJobs,
-                    now: SystemTime::now(),
-                    replayed: false,
-                };
-                let outcome = engine.route(&ev, &ctx);
-                for a in &outcome.actions {
-                    if let (
-                        Action::Answer {
-                            query_id, payload, ..
-                        },
-                        Some(c),
-                    ) = (a, &current)
-                        && let Err(e) = c.respond(*query_id, payload).await
-                    {
-                        tracing::warn!(error = %e, "cannot answer query");
-                    }
-                }
-                out.write_all(render(&outcome)?.as_bytes())?;
-                out.flush()?;
-            }
-            SubscriptionItem::Disconnected { error } => {
-                tracing::warn!(%error, "serf agent connection lost; reconnecting");
-                current = None;
-            }
-            SubscriptionItem::Lagged { missed } => {
-                tracing::warn!(missed, "events dropped: the router fell behind");
-            }
-            SubscriptionItem::Undecodable(e) => tracing::warn!(error = %e, "undecodable event"),
-            _ => {}
         }
-    }
+    });
+    d.run(input_rx, control_rx, shutdown).await;
+    drop(control_tx);
+    reader.abort();
+    Ok(())
 }
 
 /// The agent's own name and tags, from `stats`.

@@ -110,6 +110,13 @@ enum Command {
         /// Lease duration in seconds: how long a dead leader holds up the others.
         #[arg(long, env = "SERF_OPERATOR_LEASE_DURATION", default_value_t = 15)]
         lease_duration: u64,
+        /// Seconds after its event that a Job create is still retried while the API server
+        /// is unreachable or overloaded; past it the event is dropped (counted, in status).
+        #[arg(long, env = "SERF_OPERATOR_LAUNCH_DEADLINE", default_value_t = 900)]
+        launch_deadline: u64,
+        /// Seconds one API call may take before it counts as failed (and is retried).
+        #[arg(long, env = "SERF_OPERATOR_API_TIMEOUT", default_value_t = 10)]
+        api_timeout: u64,
     },
     /// Write the Serf agent's config file: `{"rpc_auth": KEY}` from SERF_RPC_AUTH (RPC auth
     /// has no agent flag), or `{}` without a key. Used by the Helm chart's init container.
@@ -168,6 +175,8 @@ fn main() -> anyhow::Result<()> {
             leader_elect,
             lease_name,
             lease_duration,
+            launch_deadline,
+            api_timeout,
         } => {
             if log_format != "text" && log_format != "json" {
                 anyhow::bail!("--log-format must be text or json, not {log_format:?}");
@@ -194,6 +203,8 @@ fn main() -> anyhow::Result<()> {
                 pod_name: pod_name.clone(),
                 flush_interval: std::time::Duration::from_secs(1),
                 shutdown_grace: std::time::Duration::from_secs(10),
+                launch_deadline: std::time::Duration::from_secs(launch_deadline),
+                call_timeout: std::time::Duration::from_secs(api_timeout.max(1)),
                 leader_election: leader_elect.then(|| serf_operator::run::LeaderElection {
                     lease_name,
                     identity: if pod_name.is_empty() {

@@ -1,4 +1,4 @@
-//! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! Prometheus metrics: every figure the operator exports, under `serf_operator_`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,8 +9,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// Label set with one `kind` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +57,8 @@ pub struct Metrics {
     pub queries_answered: Counter,
     /// Events waiting in the internal queue.
     pub queue_depth: Gauge,
+    /// Job creates waiting for a launch worker (grows while the API server is away).
+    pub launch_queue_depth: Gauge,
     /// 1 while the Serf agent connection is up.
     pub serf_connected: Gauge,
     /// Reconnections to the agent.
@@ -88,6 +88,7 @@ impl Metrics {
             ]),
             queries_answered: Counter::default(),
             queue_depth: Gauge::default(),
+            launch_queue_depth: Gauge::default(),
             serf_connected: Gauge::default(),
             serf_reconnects: Counter::default(),
             triggers_fired: Family::default(),
@@ -109,7 +110,7 @@ impl Metrics {
         );
         registry.register(
             "events_dropped",
-            "Events or route matches not acted on, by reason (no_route, filtered, concurrency, overflow, duplicate)",
+            "Events or route matches not acted on, by reason (no_route, filtered, concurrency, overflow, duplicate, launch_queue_full, launch_deadline, shutdown, status_queue_full, event_queue_full)",
             m.events_dropped.clone(),
         );
         registry.register("jobs_created", "Jobs created", m.jobs_created.clone());
@@ -132,6 +133,11 @@ impl Metrics {
             "queue_depth",
             "Events waiting in the internal queue",
             m.queue_depth.clone(),
+        );
+        registry.register(
+            "launch_queue_depth",
+            "Job creates waiting for a launch worker",
+            m.launch_queue_depth.clone(),
         );
         registry.register(
             "serf_connected",
@@ -193,57 +199,5 @@ impl Metrics {
             out.clear();
         }
         out
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            // Read the request head (bounded); the body, if any, is ignored.
-            while len < buf.len() {
-                let read = tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf[len..]),
-                )
-                .await;
-                match read {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (code, ctype, body) = match path.split('?').next().unwrap_or("") {
-                "/metrics" => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics.render(),
-                ),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" if metrics.is_ready() => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready: the Serf link is down or the caches have not synced\n".to_string(),
-                ),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
     }
 }

@@ -13,8 +13,8 @@ use serf_operator_crds::{
     SerfHandlerStatus,
 };
 
-/// Writes a handler's whole status (a merge patch on the status subresource). A handler that
-/// is gone (404) is not an error.
+/// Writes a handler's whole status: server-side apply on the status subresource under the
+/// operator's one field manager. A handler that is gone (404) is not an error.
 ///
 /// # Errors
 /// Any other API error.
@@ -25,9 +25,17 @@ pub async fn write_status(
     status: &SerfHandlerStatus,
 ) -> Result<(), kube::Error> {
     let api: Api<SerfHandler> = Api::namespaced(client.clone(), namespace);
-    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+    let patch = Patch::Apply(serde_json::json!({
+        "apiVersion": format!("{}/{}", serf_operator_crds::GROUP, serf_operator_crds::VERSION),
+        "kind": "SerfHandler",
+        "status": status,
+    }));
     match api
-        .patch_status(name, &PatchParams::default(), &patch)
+        .patch_status(
+            name,
+            &PatchParams::apply(crate::ledger::FIELD_MANAGER).force(),
+            &patch,
+        )
         .await
     {
         Ok(_) => Ok(()),
@@ -164,6 +172,11 @@ impl StatusBook {
         {
             e.dirty = true;
         }
+    }
+
+    /// Keeps only the handlers whose (namespace, name) `keep` accepts.
+    pub fn retain(&mut self, keep: impl Fn(&(String, String)) -> bool) {
+        self.entries.retain(|k, _| keep(k));
     }
 
     /// Forgets a deleted handler.

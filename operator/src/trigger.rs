@@ -1,6 +1,8 @@
-//! SerfEventTrigger: decides what is due (a generation, a schedule tick, or the outcome of a
-//! send interrupted by a restart) and fires it once: the firing is recorded in status before
-//! the send and cleared with the outcome after it. Talks to the API server and the agent.
+//! **How a trigger fires.** SerfEventTrigger: decides what is due (a generation, a schedule
+//! tick, or the outcome of a send interrupted by a restart) and fires it once: the firing is
+//! recorded in status before the send and cleared with the outcome after it. The decision is
+//! pure ([`decide`]); [`fire`] talks to the API server and the agent; the controller that
+//! calls them is [`crate::controller::trigger`].
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -274,6 +276,57 @@ pub fn outcome_patch(
     json!({ "status": body })
 }
 
+/// The status patch for a spec that cannot be fired (a bad schedule or time zone):
+/// `Ready=False` with the reason, so that the object itself says why nothing happens.
+pub fn invalid_patch(t: &SerfEventTrigger, msg: &str, now: &str) -> serde_json::Value {
+    let status = t.status.clone().unwrap_or_default();
+    let g = t.metadata.generation.unwrap_or(0);
+    json!({"status": {
+        "observedGeneration": g,
+        "conditions": merge_conditions(&status.conditions, vec![
+            condition("Ready", "False", "InvalidSpec", msg, g, now),
+        ]),
+    }})
+}
+
+/// Whether `t` already shows `Ready=True` for its generation (so a valid spec does not
+/// write it again).
+pub fn shows_ready(t: &SerfEventTrigger) -> bool {
+    let g = t.metadata.generation;
+    t.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True" && c.observed_generation == g)
+    })
+}
+
+/// The status patch for a valid spec: `Ready=True`.
+pub fn ready_patch(t: &SerfEventTrigger, now: &str) -> serde_json::Value {
+    let status = t.status.clone().unwrap_or_default();
+    let g = t.metadata.generation.unwrap_or(0);
+    json!({"status": {
+        "conditions": merge_conditions(&status.conditions, vec![
+            condition("Ready", "True", "Valid", "", g, now),
+        ]),
+    }})
+}
+
+/// How long until the trigger's next schedule tick after `now`; `None` without a schedule
+/// (or with one that cannot be read).
+pub fn until_next_tick(t: &SerfEventTrigger, now: jiff::Timestamp) -> Option<Duration> {
+    let cron = croner::Cron::from_str(t.spec.schedule.as_deref()?).ok()?;
+    let tz = match t.spec.time_zone.as_deref() {
+        None => jiff::tz::TimeZone::UTC,
+        Some(name) => jiff::tz::TimeZone::get(name).ok()?,
+    };
+    let next = cron
+        .find_next_occurrence(&now.to_zoned(tz), false)
+        .ok()?
+        .timestamp();
+    let secs = (next.as_millisecond() - now.as_millisecond()).max(0);
+    Some(Duration::from_millis(u64::try_from(secs).unwrap_or(0)))
+}
+
 /// The status patch for a send interrupted by a restart.
 pub fn interrupted_patch(t: &SerfEventTrigger, firing: &Firing, now: &str) -> serde_json::Value {
     let status = t.status.clone().unwrap_or_default();
@@ -307,10 +360,22 @@ pub async fn patch_status(
     let ns = t.metadata.namespace.clone().unwrap_or_default();
     let name = t.metadata.name.clone().unwrap_or_default();
     let api: Api<SerfEventTrigger> = Api::namespaced(client.clone(), &ns);
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map(|_| ())
+    let pp = PatchParams {
+        field_manager: Some(crate::ledger::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let patch = Patch::Merge(patch);
+    let call = api.patch_status(&name, &pp, &patch);
+    match tokio::time::timeout(STATUS_TIMEOUT, call).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => Err(kube::Error::Service(
+            format!("the API server did not answer within {STATUS_TIMEOUT:?}").into(),
+        )),
+    }
 }
+
+/// How long one trigger status write may take.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Backoff before retry `attempt` (from 1): 1 s doubling to 60 s.
 pub fn retry_delay(attempt: u32) -> Duration {

@@ -168,7 +168,7 @@ fn counters_reasons_and_ready_condition() {
 }
 
 #[tokio::test]
-async fn status_is_one_merge_patch_on_the_status_subresource() {
+async fn status_is_one_server_side_apply_on_the_status_subresource() {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let hs = parse_handlers(HANDLERS, Path::new("h.yaml")).unwrap();
@@ -197,10 +197,15 @@ async fn status_is_one_merge_patch_on_the_status_subresource() {
     );
     assert_eq!(
         req.headers()["content-type"],
-        "application/merge-patch+json"
+        "application/apply-patch+yaml"
     );
+    let query = req.uri().query().unwrap_or("").to_string();
+    assert!(query.contains("fieldManager=serf-operator"), "{query}");
+    assert!(query.contains("force=true"), "{query}");
     let body: Value =
         serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    assert_eq!(body["kind"], "SerfHandler");
+    assert_eq!(body["apiVersion"], "serf.operator.io/v1alpha1");
     assert_eq!(body["status"]["observedGeneration"], 4);
     assert_eq!(body["status"]["conditions"][0]["type"], "Ready");
     assert_eq!(body["status"]["routes"][0]["jobsCreated"], 10);

@@ -1,0 +1,551 @@
+//! The event path, the same in `run`, `local` and `route`: Serf link → bounded queue →
+//! [`Dispatcher`]. The pure engine decides; its decisions go to an [`Effects`]
+//! implementation (Kubernetes: [`crate::effects::KubeEffects`]; local mode: a printer).
+//! Nothing here awaits the API server: effects hand API work to tasks of their own and
+//! return at once. The only awaits are on the Serf agent (answers, `members`, `stats`).
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime};
+
+use serf_client::{Event, Member, MemberStatus};
+use serf_operator_crds::SerfHandler;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::contract::SelfNode;
+use crate::engine::{Action, ActiveJobs, Context, Engine, Launch, Membership, Outcome, SkipReason};
+use crate::jobs::HandlerRef;
+
+/// What the Serf link delivers, in order.
+#[derive(Debug)]
+pub enum Input {
+    /// A (re)connection to the agent, with its client.
+    Connected(serf_client::Client),
+    /// An event and when it came off the stream.
+    Event(Event, Instant),
+    /// The connection broke.
+    Disconnected(String),
+    /// The stream skipped this many records (the consumer fell behind).
+    Lagged(u64),
+}
+
+/// Changes from the Kubernetes side, on a channel of their own (never dropped).
+#[derive(Debug)]
+pub enum Control {
+    /// The SerfHandlers changed: the whole current set.
+    Handlers(Vec<SerfHandler>),
+    /// This replica became (or stopped being) the one that acts on member events. On
+    /// becoming it, the membership last acted on by the previous leader.
+    Leader {
+        /// The verdict.
+        leader: bool,
+        /// The persisted membership to take over, if it could be read.
+        membership: Option<Membership>,
+    },
+}
+
+/// A Kubernetes Event's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Normal.
+    Normal,
+    /// Warning.
+    Warning,
+}
+
+/// Why an event, or a route's work for it, was dropped: the `reason` label of
+/// `serf_operator_events_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// No route of any handler takes the event.
+    NoRoute,
+    /// A route's filters (role, self tags, members) exclude it.
+    Filtered,
+    /// A route's concurrency policy (Forbid) skipped it.
+    Concurrency,
+    /// The event queue was full, or the stream lagged.
+    Overflow,
+    /// Its Job was launched before.
+    Duplicate,
+    /// The launch queue was full (the API server has been unreachable for long).
+    LaunchQueueFull,
+    /// The launch deadline passed while the API server stayed unreachable.
+    LaunchDeadline,
+    /// The operator stopped before the launch finished and could not hand it over.
+    Shutdown,
+}
+
+impl DropReason {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::Filtered => "filtered",
+            DropReason::Concurrency => "concurrency",
+            DropReason::Overflow => "overflow",
+            DropReason::Duplicate => "duplicate",
+            DropReason::LaunchQueueFull => "launch_queue_full",
+            DropReason::LaunchDeadline => "launch_deadline",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What a route did with an event, for its status counters.
+pub use crate::status::RouteEvent;
+
+/// Where the dispatcher's decisions go. Every method returns at once; the Kubernetes
+/// implementation queues API work for tasks of its own.
+pub trait Effects: Send {
+    /// Every decision, before its actions are carried out (local mode prints it).
+    fn decided(&mut self, _outcome: &Outcome) {}
+    /// Create this Job (queued; the result is reported by the implementation).
+    fn launch(&mut self, launch: Box<Launch>, event: &str, received: Instant);
+    /// Answer a query on the connection that received it. Serf only: never the API server.
+    fn answer(
+        &mut self,
+        serf: Option<&serf_client::Client>,
+        query_id: u64,
+        payload: &[u8],
+    ) -> impl std::future::Future<Output = Result<(), serf_client::Error>> + Send {
+        let serf = serf.cloned();
+        let payload = payload.to_vec();
+        async move {
+            match serf {
+                Some(c) => c.respond(query_id, &payload).await,
+                None => Err(serf_client::Error::Invalid(
+                    "not connected to the Serf agent".into(),
+                )),
+            }
+        }
+    }
+    /// Count what a route did.
+    fn record(&mut self, handler: &HandlerRef, route: &str, event: &str, what: RouteEvent);
+    /// Publish a Kubernetes Event on a handler.
+    fn notify(
+        &mut self,
+        handler: &HandlerRef,
+        severity: Severity,
+        reason: &'static str,
+        note: String,
+    );
+    /// Count dropped events or route matches.
+    fn dropped(&mut self, reason: DropReason, count: u64);
+    /// An event at least one route acted on.
+    fn routed(&mut self) {}
+    /// A query answered.
+    fn answered(&mut self) {}
+    /// The membership changed: the members each handler's filters select, and the record
+    /// to persist.
+    fn membership(&mut self, _selected: Vec<(HandlerRef, Vec<Member>)>, _record: &Membership) {}
+    /// The Serf link went up or down.
+    fn serf_link(&mut self, _up: bool) {}
+    /// An event left the queue.
+    fn dequeued(&mut self) {}
+}
+
+/// The event path's state: the engine, the operator's own Serf node, the current agent
+/// connection, and whether this replica acts on member events.
+pub struct Dispatcher<E> {
+    engine: Engine,
+    node: SelfNode,
+    serf: Option<serf_client::Client>,
+    pod: (String, String),
+    leader: bool,
+    handlers: Vec<HandlerRef>,
+    active: Box<dyn ActiveJobs + Send>,
+    effects: E,
+    catch_up: bool,
+}
+
+impl<E: Effects> Dispatcher<E> {
+    /// A dispatcher starting from `membership` (the persisted record), with `pod` (name,
+    /// namespace) for `$(POD_NAME)`/`$(POD_NAMESPACE)` in answers.
+    pub fn new(
+        membership: Membership,
+        pod: (String, String),
+        leader: bool,
+        active: Box<dyn ActiveJobs + Send>,
+        effects: E,
+    ) -> Self {
+        Dispatcher {
+            engine: Engine::new(&[], membership),
+            node: SelfNode::default(),
+            serf: None,
+            pod,
+            leader,
+            handlers: Vec::new(),
+            active,
+            effects,
+            catch_up: true,
+        }
+    }
+
+    /// Does not replay missed member events on connecting (local mode, which keeps no
+    /// membership record: every start would replay every member's join).
+    pub fn without_catch_up(mut self) -> Self {
+        self.catch_up = false;
+        self
+    }
+
+    /// The effects (for tests and for shutdown).
+    pub fn effects(&mut self) -> &mut E {
+        &mut self.effects
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The operator's own node as last read.
+    pub fn node(&self) -> &SelfNode {
+        &self.node
+    }
+
+    /// Sets the operator's own node (tests, and `route`).
+    pub fn set_node(&mut self, node: SelfNode) {
+        self.node = node;
+    }
+
+    /// Whether this replica acts on member events.
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+
+    /// Applies a change from the Kubernetes side. On becoming the leader it takes over the
+    /// persisted membership and replays the member events missed (a Serf call).
+    pub async fn control(&mut self, c: Control) {
+        match c {
+            Control::Handlers(handlers) => {
+                self.handlers = handlers.iter().map(HandlerRef::of).collect();
+                self.engine.set_handlers(&handlers);
+                for e in self.engine.router().errors() {
+                    tracing::debug!("{e}");
+                }
+                self.publish_membership();
+            }
+            Control::Leader { leader, membership } => {
+                let became = leader && !self.leader;
+                self.leader = leader;
+                if became {
+                    if let Some(m) = membership {
+                        self.engine.set_membership(m);
+                    }
+                    if let Some(c) = self.serf.clone() {
+                        self.catch_up_members(&c).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one item from the Serf link.
+    pub async fn input(&mut self, item: Input) {
+        match item {
+            Input::Connected(c) => {
+                match crate::local::self_node(&c).await {
+                    Ok(node) => self.node = node,
+                    Err(e) => tracing::warn!(error = %e, "cannot read the agent's own node"),
+                }
+                tracing::info!(node = %self.node.name, role = self.node.role(), "following the Serf agent");
+                self.serf = Some(c.clone());
+                self.effects.serf_link(true);
+                if self.leader && self.catch_up {
+                    self.catch_up_members(&c).await;
+                }
+            }
+            Input::Event(ev, received) => {
+                self.effects.dequeued();
+                let key = crate::engine::describe(&ev).1;
+                let span = tracing::info_span!("event", event = %key);
+                self.event(&ev, received, false).instrument(span).await;
+            }
+            Input::Disconnected(error) => {
+                tracing::warn!(%error, "Serf agent connection lost; user events and queries sent until it is back are lost");
+                self.serf = None;
+                self.effects.serf_link(false);
+            }
+            Input::Lagged(missed) => {
+                tracing::error!(
+                    missed,
+                    "the dispatcher fell behind the agent's stream; events dropped"
+                );
+                self.effects.dropped(DropReason::Overflow, missed);
+            }
+        }
+    }
+
+    async fn event(&mut self, ev: &Event, received: Instant, replayed: bool) {
+        let member = matches!(ev, Event::Member(_));
+        if member && !self.leader {
+            tracing::debug!("not the leader: member event left to the leader");
+            return;
+        }
+        let outcome = {
+            let ctx = Context {
+                node: &self.node,
+                pod: (&self.pod.0, &self.pod.1),
+                active: self.active.as_ref(),
+                now: SystemTime::now(),
+                replayed,
+            };
+            self.engine.route(ev, &ctx)
+        };
+        self.act(outcome, received).await;
+        if member {
+            self.publish_membership();
+        }
+    }
+
+    /// Routes the member events missed while disconnected, down, or not the leader: the
+    /// difference between the agent's members and the membership last acted on.
+    async fn catch_up_members(&mut self, c: &serf_client::Client) {
+        match c.members().await {
+            Ok(current) => {
+                for ev in self.engine.membership().diff(&current) {
+                    let ev = Event::Member(ev);
+                    let key = crate::engine::describe(&ev).1;
+                    let span = tracing::info_span!("event", event = %key, replayed = true);
+                    async {
+                        tracing::info!("replaying a missed member event");
+                    }
+                    .instrument(span.clone())
+                    .await;
+                    self.event(&ev, Instant::now(), true).instrument(span).await;
+                }
+                self.publish_membership();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the agent's members"),
+        }
+    }
+
+    /// When the earliest coalescing window closes.
+    pub fn next_deadline(&self) -> Option<SystemTime> {
+        self.engine.next_deadline()
+    }
+
+    /// Launches what the coalescing windows that have closed gathered.
+    pub fn flush_due(&mut self) {
+        self.flush_at(SystemTime::now());
+    }
+
+    /// Launches what the coalescing windows closed at `now` gathered.
+    pub fn flush_at(&mut self, now: SystemTime) {
+        let outcomes = {
+            let ctx = Context {
+                node: &self.node,
+                pod: (&self.pod.0, &self.pod.1),
+                active: self.active.as_ref(),
+                now,
+                replayed: false,
+            };
+            self.engine.flush(&ctx)
+        };
+        for o in outcomes {
+            let span = tracing::info_span!("event", event = %o.event);
+            let _g = span.enter();
+            self.effects.decided(&o);
+            for a in o.actions {
+                self.act_one(a, &o.event, Instant::now());
+            }
+        }
+    }
+
+    async fn act(&mut self, outcome: Outcome, received: Instant) {
+        self.effects.decided(&outcome);
+        if outcome.actions.is_empty() {
+            tracing::debug!("no route takes the event");
+            self.effects.dropped(DropReason::NoRoute, 1);
+            return;
+        }
+        if outcome.actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Launch(_) | Action::Answer { .. } | Action::Deferred { .. }
+            )
+        }) {
+            self.effects.routed();
+        }
+        for a in outcome.actions {
+            if let Action::Answer {
+                handler,
+                route,
+                query_id,
+                payload,
+            } = &a
+            {
+                // Answers go out inline, on the connection that received the query.
+                let result = self
+                    .effects
+                    .answer(self.serf.as_ref(), *query_id, payload)
+                    .await;
+                match result {
+                    Ok(()) => {
+                        tracing::info!(handler = %handler, route = %route, "query answered");
+                        self.effects.answered();
+                        self.effects
+                            .record(handler, route, &outcome.event, RouteEvent::Answered);
+                        self.effects.notify(
+                            handler,
+                            Severity::Normal,
+                            "QueryAnswered",
+                            format!("route {route} answered {}", outcome.event),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(handler = %handler, route = %route, error = %e, "cannot answer the query");
+                        self.effects.record(
+                            handler,
+                            route,
+                            &outcome.event,
+                            RouteEvent::Skipped {
+                                reason: SkipReason::AnswerFailed.as_str().into(),
+                                message: e.to_string(),
+                            },
+                        );
+                        self.effects.notify(
+                            handler,
+                            Severity::Warning,
+                            "RouteSkipped",
+                            format!("route {route} could not answer {}: {e}", outcome.event),
+                        );
+                    }
+                }
+                continue;
+            }
+            self.act_one(a, &outcome.event, received);
+        }
+    }
+
+    fn act_one(&mut self, a: Action, event: &str, received: Instant) {
+        match a {
+            Action::Launch(l) => {
+                tracing::debug!(handler = %l.handler, route = %l.route, job = l.job.metadata.name.as_deref().unwrap_or(""), "launch queued");
+                self.effects.launch(l, event, received);
+            }
+            Action::Skip {
+                handler,
+                route,
+                reason,
+                message,
+            } => {
+                tracing::debug!(handler = %handler, route = %route, %reason, "{message}");
+                self.effects.dropped(reason.drop_reason(), 1);
+                self.effects.notify(
+                    &handler,
+                    Severity::Normal,
+                    "RouteSkipped",
+                    format!("route {route} skipped {event}: {reason}: {message}"),
+                );
+                self.effects.record(
+                    &handler,
+                    &route,
+                    event,
+                    RouteEvent::Skipped {
+                        reason: reason.to_string(),
+                        message,
+                    },
+                );
+            }
+            Action::Deferred { handler, route, .. } => {
+                self.effects
+                    .record(&handler, &route, event, RouteEvent::Coalesced);
+            }
+            Action::Answer { .. } => {}
+        }
+    }
+
+    fn publish_membership(&mut self) {
+        let members: Vec<Member> = self
+            .engine
+            .membership()
+            .members
+            .iter()
+            .filter(|(_, r)| r.status != "reaped")
+            .map(|(name, r)| {
+                Member::new(
+                    name.clone(),
+                    r.addr
+                        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                    r.port,
+                    r.tags.clone(),
+                    match r.status.as_str() {
+                        "alive" => MemberStatus::Alive,
+                        "failed" => MemberStatus::Failed,
+                        "leaving" => MemberStatus::Leaving,
+                        _ => MemberStatus::Left,
+                    },
+                )
+            })
+            .collect();
+        let selected: Vec<(HandlerRef, Vec<Member>)> = self
+            .handlers
+            .iter()
+            .map(|h| {
+                let ms = members
+                    .iter()
+                    .filter(|m| self.engine.router().selects_member(h, m))
+                    .cloned()
+                    .collect();
+                (h.clone(), ms)
+            })
+            .collect();
+        let record = self.engine.membership().clone();
+        self.effects.membership(selected, &record);
+    }
+
+    /// Runs until `input` closes or `shutdown` resolves: Serf items in order, Kubernetes
+    /// changes as they come, and the coalescing windows as they close.
+    pub async fn run(
+        mut self,
+        mut input: mpsc::Receiver<Input>,
+        mut control: mpsc::Receiver<Control>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Self {
+        tokio::pin!(shutdown);
+        loop {
+            let due = self.next_deadline();
+            let sleep = async {
+                match due {
+                    Some(d) => {
+                        if let Ok(left) = d.duration_since(SystemTime::now()) {
+                            tokio::time::sleep(left).await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(c) = control.recv() => self.control(c).await,
+                item = input.recv() => match item {
+                    Some(item) => self.input(item).await,
+                    None => break,
+                },
+                _ = sleep => self.flush_due(),
+            }
+        }
+        self
+    }
+}
+
+impl SkipReason {
+    /// The dropped-events reason this skip counts under.
+    pub fn drop_reason(self) -> DropReason {
+        match self {
+            SkipReason::ConcurrencyForbid => DropReason::Concurrency,
+            SkipReason::Duplicate => DropReason::Duplicate,
+            _ => DropReason::Filtered,
+        }
+    }
+}
+
+/// Members by name, for tests.
+pub fn by_name(selected: &[(HandlerRef, Vec<Member>)]) -> BTreeMap<String, Vec<String>> {
+    selected
+        .iter()
+        .map(|(h, ms)| (h.to_string(), ms.iter().map(|m| m.name.clone()).collect()))
+        .collect()
+}

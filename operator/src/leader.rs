@@ -1,0 +1,115 @@
+//! **Leader election.** Which replica does the once-only work (acting on member events,
+//! firing triggers, pruning, writing status, ledgers and the membership record): with one
+//! replica, always this one; with `--leader-elect`, the holder of a Lease
+//! (`kube-lease-manager`). The verdict is a `watch` channel every part reads; this module
+//! also tells the dispatcher and the state writer when this replica takes over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use tokio::sync::{mpsc, watch};
+
+use crate::dispatch::Control;
+use crate::error::{Error, timed};
+use crate::metrics::Metrics;
+use crate::state::StatusMsg;
+
+/// Leader election settings.
+#[derive(Debug, Clone)]
+pub struct LeaderElection {
+    /// Lease name (in the state namespace).
+    pub lease_name: String,
+    /// This replica's identity.
+    pub identity: String,
+    /// Lease duration in seconds: how long a dead leader blocks the others.
+    pub duration_secs: u64,
+}
+
+/// The verdict: `true` while this replica is the leader. Without election it is always
+/// `true`.
+///
+/// # Errors
+/// The Lease cannot be set up.
+pub async fn elect(
+    client: &Client,
+    namespace: &str,
+    election: Option<&LeaderElection>,
+) -> Result<(watch::Receiver<bool>, Option<watch::Sender<bool>>), Error> {
+    let Some(le) = election else {
+        let (tx, rx) = watch::channel(true);
+        return Ok((rx, Some(tx)));
+    };
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &le.lease_name)
+        .with_namespace(namespace)
+        .with_identity(&le.identity)
+        .with_duration(le.duration_secs.max(2))
+        .with_grace((le.duration_secs / 3).max(1))
+        .with_field_manager(crate::ledger::FIELD_MANAGER)
+        .build()
+        .await
+        .map_err(|e| Error::Invalid(format!("cannot set up the Lease: {e}")))?;
+    let (rx, _task) = manager.watch().await;
+    tracing::info!(lease = %le.lease_name, identity = %le.identity, "leader election on");
+    Ok((rx, None))
+}
+
+/// Follows the verdict: on each change tells the dispatcher (with the persisted membership
+/// to take over, read here, off the event path) and the state writer, and counts it.
+pub async fn follow(
+    mut verdict: watch::Receiver<bool>,
+    client: Client,
+    namespace: String,
+    control: mpsc::Sender<Control>,
+    status: mpsc::Sender<StatusMsg>,
+    metrics: Arc<Metrics>,
+    call_timeout: Duration,
+) {
+    let mut was = *verdict.borrow_and_update();
+    metrics.leader.set(i64::from(was));
+    if was {
+        tracing::info!("holding the lease: acting on member events, triggers and pruning");
+    }
+    while verdict.changed().await.is_ok() {
+        let now = *verdict.borrow_and_update();
+        if now == was {
+            continue;
+        }
+        was = now;
+        metrics.leader.set(i64::from(now));
+        metrics.lease_transitions.inc();
+        if !now {
+            tracing::warn!(
+                "lost the lease: no longer acting on member events, triggers or pruning"
+            );
+            let _ = control
+                .send(Control::Leader {
+                    leader: false,
+                    membership: None,
+                })
+                .await;
+            continue;
+        }
+        tracing::info!("holding the lease: acting on member events, triggers and pruning");
+        let _ = status.send(StatusMsg::TookOver).await;
+        let membership = match timed(
+            "read the membership record",
+            call_timeout,
+            crate::ledger::read_membership(&client, &namespace),
+        )
+        .await
+        {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the membership record; keeping this replica's view");
+                None
+            }
+        };
+        let _ = control
+            .send(Control::Leader {
+                leader: true,
+                membership,
+            })
+            .await;
+    }
+}

@@ -1,0 +1,372 @@
+//! The one task that writes the operator's state to the API server, gated by the Lease:
+//! SerfHandler status (server-side apply under one field manager, in batches, each call with
+//! a timeout), the launch ledgers and the membership record. It also hands Job creates that a
+//! shutdown cut short over to the next start.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serf_client::Member;
+use serf_operator_crds::SerfHandler;
+use tokio::sync::{mpsc, watch};
+
+use crate::dispatch::RouteEvent;
+use crate::effects::{PendingLaunch, SharedLedger};
+use crate::engine::{Launch, Membership, RouteError};
+use crate::error::{Error, kube_call, timed};
+use crate::jobs::HandlerRef;
+use crate::ledger::{self, FIELD_MANAGER};
+use crate::status::StatusBook;
+
+/// A change to a handler's status.
+#[derive(Debug)]
+pub enum StatusMsg {
+    /// What a route did with an event.
+    Route {
+        /// The handler.
+        handler: HandlerRef,
+        /// The route.
+        route: String,
+        /// The event, e.g. `user:deploy@42`.
+        event: String,
+        /// What happened.
+        what: RouteEvent,
+        /// When (RFC 3339).
+        at: String,
+    },
+    /// A handler's spec as reconciled: Ready, `observedGeneration`, the route list.
+    Handler {
+        /// The handler.
+        handler: Arc<SerfHandler>,
+        /// Its route errors.
+        errors: Vec<RouteError>,
+    },
+    /// The handlers that exist (the status of any other is forgotten).
+    Present(BTreeSet<(String, String)>),
+    /// The members a handler's filters select.
+    Members {
+        /// The handler.
+        handler: HandlerRef,
+        /// The members.
+        members: Vec<Member>,
+    },
+    /// Events dropped before routing (queue overflow, stream lag).
+    Dropped(u64),
+    /// This replica just took the lease: forget the view it had as a standby.
+    TookOver,
+}
+
+/// The state writer's settings.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// Where the membership record lives.
+    pub namespace: String,
+    /// How often dirty state is written.
+    pub interval: Duration,
+    /// How long one API call may take.
+    pub call_timeout: Duration,
+}
+
+/// Owns the status book; see the module docs.
+pub struct StateWriter {
+    client: Client,
+    cfg: StateConfig,
+    book: StatusBook,
+    ledger: SharedLedger,
+    uids: BTreeMap<(String, String), String>,
+    dropped_total: u64,
+}
+
+impl StateWriter {
+    /// A writer on `client`.
+    pub fn new(client: Client, cfg: StateConfig, ledger: SharedLedger) -> Self {
+        StateWriter {
+            client,
+            cfg,
+            book: StatusBook::default(),
+            ledger,
+            uids: BTreeMap::new(),
+            dropped_total: 0,
+        }
+    }
+
+    /// Applies one change in memory.
+    pub fn apply(&mut self, msg: StatusMsg) {
+        match msg {
+            StatusMsg::Route {
+                handler,
+                route,
+                event,
+                what,
+                at,
+            } => self.book.record(&handler, &route, &event, what, &at),
+            StatusMsg::Handler { handler, errors } => {
+                let r = HandlerRef::of(&handler);
+                if let Some(uid) = r.uid.clone() {
+                    self.uids.insert((r.namespace.clone(), r.name.clone()), uid);
+                }
+                self.book.sync_handler(&handler, &errors, &now());
+                if self.dropped_total > 0 {
+                    self.book.set_events_dropped(&r, self.dropped_total, &now());
+                }
+            }
+            StatusMsg::Present(keys) => {
+                self.book.retain(|k| keys.contains(k));
+                self.uids.retain(|k, _| keys.contains(k));
+            }
+            StatusMsg::Members { handler, members } => {
+                let refs: Vec<&Member> = members.iter().collect();
+                self.book.set_members(&handler, &refs);
+            }
+            StatusMsg::Dropped(n) => {
+                self.dropped_total += n;
+                let at = now();
+                for (ns, name) in self.uids.keys().cloned().collect::<Vec<_>>() {
+                    let h = HandlerRef {
+                        namespace: ns,
+                        name,
+                        uid: None,
+                    };
+                    self.book.set_events_dropped(&h, self.dropped_total, &at);
+                }
+            }
+            StatusMsg::TookOver => {
+                // Counters continue from the stored status; ledgers are read again.
+                self.book = StatusBook::default();
+                if let Ok(mut l) = self.ledger.lock() {
+                    *l = ledger::Ledger::default();
+                }
+            }
+        }
+    }
+
+    /// Writes what changed. A standby discards it (the leader's view is the one written).
+    /// Returns false when the membership record could not be written.
+    pub async fn flush(&mut self, leader: bool, membership: Option<Membership>) -> bool {
+        if !leader {
+            let _ = self.book.take_dirty();
+            return true;
+        }
+        let t = self.cfg.call_timeout;
+        let dirty_ledgers = match self.ledger.lock() {
+            Ok(mut l) => l.take_dirty(unix_now()),
+            Err(_) => Vec::new(),
+        };
+        for (k, text) in dirty_ledgers {
+            let h = HandlerRef {
+                namespace: k.0.clone(),
+                name: k.1.clone(),
+                uid: self.uids.get(&k).cloned(),
+            };
+            if let Err(e) = kube_call(
+                "write the launch ledger",
+                t,
+                ledger::write_ledger(&self.client, &h, &text),
+            )
+            .await
+            {
+                tracing::warn!(error = %e, handler = %h, "cannot write the launch ledger; will retry");
+                if let Ok(mut l) = self.ledger.lock() {
+                    l.mark_dirty(&k);
+                }
+            }
+        }
+        for (k, status) in self.book.take_dirty() {
+            let r = kube_call(
+                "write the handler's status",
+                t,
+                crate::status::write_status(&self.client, &k.0, &k.1, &status),
+            )
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, handler = %format!("{}/{}", k.0, k.1), "cannot write status; will retry");
+                self.book.mark_dirty(&k);
+            }
+        }
+        if let Some(m) = membership {
+            let r = timed(
+                "write the membership record",
+                t,
+                ledger::write_membership(&self.client, &self.cfg.namespace, &m),
+            )
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot persist the membership record; will retry");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Runs until `rx` closes or `stop` fires, writing every `interval` while `leader`
+    /// holds; a last write at the end.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<StatusMsg>,
+        leader: watch::Receiver<bool>,
+        mut membership: watch::Receiver<Option<Membership>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(self.cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending_membership: Option<Membership> = None;
+        loop {
+            tokio::select! {
+                _ = until_set(&mut stop) => break,
+                msg = rx.recv() => match msg {
+                    Some(m) => self.apply(m),
+                    None => break,
+                },
+                Ok(()) = membership.changed() => {
+                    pending_membership = membership.borrow_and_update().clone();
+                }
+                _ = tick.tick() => {
+                    let is_leader = *leader.borrow();
+                    let m = if is_leader { pending_membership.take() } else { None };
+                    if !self.flush(is_leader, m.clone()).await && pending_membership.is_none() {
+                        // Retried on the next tick (with the newest record if one came).
+                        pending_membership = m;
+                    }
+                }
+            }
+        }
+        while let Ok(m) = rx.try_recv() {
+            self.apply(m);
+        }
+        let is_leader = *leader.borrow();
+        let m = membership.borrow().clone();
+        let _ = self
+            .flush(is_leader, if is_leader { m } else { None })
+            .await;
+    }
+}
+
+/// Resolves once `flag` is (or becomes) true, or its sender is gone.
+pub async fn until_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|s| *s).await;
+}
+
+fn now() -> String {
+    crate::local::rfc3339(std::time::SystemTime::now())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The ConfigMap (in the state namespace) that holds Job creates a shutdown cut short.
+pub const PENDING_CONFIGMAP: &str = "serf-operator-pending-launches";
+/// The most bytes handed over (a ConfigMap holds at most 1 MiB).
+const MAX_HANDOVER_BYTES: usize = 900 * 1024;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Handed {
+    launch: Launch,
+    event: String,
+}
+
+/// Writes the launches a shutdown cut short into [`PENDING_CONFIGMAP`] for the next start.
+/// Returns the ones that could not be handed over (too large, or the API server did not
+/// take them): those are dropped, and the caller counts them.
+pub async fn hand_over(
+    client: &Client,
+    namespace: &str,
+    left: Vec<PendingLaunch>,
+    timeout: Duration,
+) -> Vec<PendingLaunch> {
+    if left.is_empty() {
+        return left;
+    }
+    let mut data = BTreeMap::new();
+    let mut size = 0;
+    let mut rest = Vec::new();
+    for p in left {
+        let name = p.launch.job.metadata.name.clone().unwrap_or_default();
+        let text = serde_json::to_string(&Handed {
+            launch: (*p.launch).clone(),
+            event: p.event.clone(),
+        })
+        .unwrap_or_default();
+        if text.is_empty() || size + text.len() > MAX_HANDOVER_BYTES {
+            rest.push(p);
+            continue;
+        }
+        size += text.len();
+        data.insert(name, (text, p));
+    }
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let body: BTreeMap<&String, &String> = data.iter().map(|(k, (t, _))| (k, t)).collect();
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": PENDING_CONFIGMAP, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}},
+        "data": body,
+    });
+    let r = kube_call(
+        "hand over unfinished Job creates",
+        timeout,
+        api.patch(
+            PENDING_CONFIGMAP,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(cm),
+        ),
+    )
+    .await;
+    match r {
+        Ok(_) => {
+            tracing::info!(
+                count = data.len(),
+                "unfinished Job creates handed over to the next start"
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hand over unfinished Job creates");
+            rest.extend(data.into_values().map(|(_, p)| p));
+        }
+    }
+    rest
+}
+
+/// Reads (and deletes) the launches the previous run handed over.
+///
+/// # Errors
+/// The API error; a handover that cannot be parsed is logged and skipped.
+pub async fn take_over(
+    client: &Client,
+    namespace: &str,
+    timeout: Duration,
+) -> Result<Vec<(Launch, String)>, Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let Some(cm) = kube_call(
+        "read the handed-over Job creates",
+        timeout,
+        api.get_opt(PENDING_CONFIGMAP),
+    )
+    .await?
+    else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (name, text) in cm.data.unwrap_or_default() {
+        match serde_json::from_str::<Handed>(&text) {
+            Ok(h) => out.push((h.launch, h.event)),
+            Err(e) => {
+                tracing::error!(job = %name, error = %e, "a handed-over Job create cannot be read; dropped")
+            }
+        }
+    }
+    kube_call(
+        "delete the handed-over Job creates",
+        timeout,
+        api.delete(PENDING_CONFIGMAP, &DeleteParams::default()),
+    )
+    .await?;
+    Ok(out)
+}
