@@ -420,7 +420,7 @@ pub async fn run(
 
 /// Drains the agent's stream into the dispatcher's queue. Events that do not fit are
 /// dropped and counted (`overflow`), never waited for.
-async fn read_serf(
+pub async fn read_serf(
     mut sub: Subscription,
     queue: mpsc::Sender<Input>,
     sinks: Sinks,
