@@ -370,6 +370,15 @@ pub async fn run(
             connected_before: false,
         },
     );
+    // The handlers are compiled before the first event (the catch-up on connecting needs
+    // them); later changes come through the control channel.
+    let mut dispatcher = dispatcher;
+    let initial: Vec<SerfHandler> = handler_stores
+        .iter()
+        .flat_map(|s| s.state())
+        .map(|h| (*h).clone())
+        .collect();
+    dispatcher.control(Control::Handlers(initial)).await;
     let dispatcher = dispatcher.run(input_rx, control_rx, shutdown).await;
 
     tracing::info!("shutting down: no more events are read; finishing in-flight Job creates");

@@ -1,0 +1,392 @@
+//! The two controllers' reconcile functions against a mock API server (tower-test), each
+//! request checked as it comes (as controller-rs's `ApiServerVerifier` does), with a real
+//! Serf agent where a trigger sends: a trigger fires once per generation (a stale cache
+//! does not fire it again), an interrupted firing is reported and not re-sent, an invalid
+//! schedule shows in the trigger's status, a standby does nothing, failures back off; a
+//! handler's Ready and `observedGeneration` go to the state writer, and a finished Job is
+//! pruned only after the launch ledger records it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::batch::v1::Job;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::{reflector, watcher};
+use serde_json::{Value, json};
+use serf_client::{ClientConfig, Event};
+use serf_operator::controller::handler::{self, HandlerContext};
+use serf_operator::controller::trigger::{self, TriggerContext};
+use serf_operator::effects::Sinks;
+use serf_operator::error::Error;
+use serf_operator::ledger::Ledger;
+use serf_operator::metrics::Metrics;
+use serf_operator::state::StatusMsg;
+use serf_operator_crds::{SerfEventTrigger, SerfHandler};
+use serf_testkit::{AgentConfig, Cluster};
+use tokio::sync::{mpsc, watch};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn mock() -> (Client, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(svc, "default"), handle)
+}
+
+/// Expects one request: checks method and path, answers `code` with `reply`, returns the
+/// request body.
+async fn expect(h: &mut Handle, method: Method, path: &str, code: u16, reply: Value) -> Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
+        .await
+        .expect("a request")
+        .expect("service not called");
+    assert_eq!(req.method(), method, "{}", req.uri());
+    assert_eq!(req.uri().path(), path);
+    let body = req.into_body().collect_bytes().await.unwrap();
+    send.send_response(
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+            .unwrap(),
+    );
+    serde_json::from_slice(&body).unwrap_or(Value::Null)
+}
+
+async fn no_more_requests(h: &mut Handle) {
+    let next = tokio::time::timeout(Duration::from_millis(200), h.next_request()).await;
+    assert!(
+        next.is_err() || next.unwrap().is_none(),
+        "unexpected request"
+    );
+}
+
+const TSTATUS: &str = "/apis/serf.operator.io/v1alpha1/namespaces/apps/serfeventtriggers/t/status";
+
+fn trigger_obj(spec: Value, status: Value) -> SerfEventTrigger {
+    serde_json::from_value(json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfEventTrigger",
+        "metadata": {"name": "t", "namespace": "apps", "generation": 2, "uid": "t-uid",
+                     "creationTimestamp": "2026-11-23T10:00:00Z"},
+        "spec": spec, "status": status,
+    }))
+    .unwrap()
+}
+
+fn ok_obj() -> Value {
+    json!({"apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfEventTrigger",
+           "metadata": {"name": "t", "namespace": "apps"}, "spec": {"event": {"name": "x"}}})
+}
+
+fn sinks() -> (Sinks, mpsc::Receiver<StatusMsg>) {
+    let (status, rx) = mpsc::channel(1024);
+    let (events, mut erx) = mpsc::channel(1024);
+    tokio::spawn(async move { while erx.recv().await.is_some() {} });
+    (
+        Sinks {
+            status,
+            events,
+            metrics: Metrics::new(),
+        },
+        rx,
+    )
+}
+
+fn trigger_ctx(
+    client: Client,
+    serf: Option<serf_client::Client>,
+    leader: bool,
+) -> Arc<TriggerContext> {
+    let (_stx, srx) = watch::channel(serf);
+    let (_ltx, lrx) = watch::channel(leader);
+    // The senders may go: the receivers keep the last value.
+    TriggerContext::new(client, srx, lrx, sinks().0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_fires_once_per_generation_even_from_a_stale_cache() {
+    let cluster = Cluster::start(vec![
+        AgentConfig::new("ctl-op"),
+        AgentConfig::new("ctl-other"),
+    ])
+    .unwrap();
+    let serf = serf_client::Client::connect(ClientConfig::new(cluster[0].rpc_addr().to_string()))
+        .await
+        .unwrap();
+    let other = serf_client::Client::connect(ClientConfig::new(cluster[1].rpc_addr().to_string()))
+        .await
+        .unwrap();
+    let mut seen = other.stream("user:release").await.unwrap();
+
+    let (client, mut h) = mock();
+    let ctx = trigger_ctx(client, Some(serf), true);
+    let t = Arc::new(trigger_obj(
+        json!({"event": {"name": "release", "payload": "v2"}}),
+        json!({"firedCount": 1, "lastFiredGeneration": 1}),
+    ));
+    let task = tokio::spawn(trigger::reconcile(t.clone(), ctx.clone()));
+    let first = expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    assert_eq!(
+        first["status"]["firing"]["generation"], 2,
+        "recorded before the send"
+    );
+    let second = expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    assert_eq!(second["status"]["lastFiredGeneration"], 2);
+    assert_eq!(second["status"]["firedCount"], 2);
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    let ev = tokio::time::timeout(Duration::from_secs(10), seen.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&ev, Event::User(u) if u.payload == b"v2"),
+        "{ev:?}"
+    );
+
+    // The cache has not caught up (the same object again): no second send, no request.
+    let again = trigger::reconcile(t.clone(), ctx.clone()).await.unwrap();
+    assert_eq!(again, Action::requeue(Duration::from_millis(500)));
+    // Nor when the cache shows only the firing record: that is our own, not an interruption.
+    let mid = Arc::new(trigger_obj(
+        json!({"event": {"name": "release", "payload": "v2"}}),
+        json!({"firedCount": 1, "lastFiredGeneration": 1, "firing": first["status"]["firing"]}),
+    ));
+    let again = trigger::reconcile(mid, ctx.clone()).await.unwrap();
+    assert_eq!(again, Action::requeue(Duration::from_millis(500)));
+    no_more_requests(&mut h).await;
+    let extra = tokio::time::timeout(Duration::from_millis(500), seen.next()).await;
+    assert!(extra.is_err(), "sent once: {extra:?}");
+
+    // Once the cache shows the outcome: Ready=True is written once, then nothing.
+    let fired = Arc::new(trigger_obj(
+        json!({"event": {"name": "release", "payload": "v2"}}),
+        json!({"firedCount": 2, "lastFiredGeneration": 2}),
+    ));
+    let task = tokio::spawn(trigger::reconcile(fired, ctx.clone()));
+    let ready = expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    let c = &ready["status"]["conditions"][0];
+    assert_eq!(
+        (c["type"].as_str(), c["status"].as_str()),
+        (Some("Ready"), Some("True"))
+    );
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    let shown = Arc::new(trigger_obj(
+        json!({"event": {"name": "release", "payload": "v2"}}),
+        json!({"firedCount": 2, "lastFiredGeneration": 2, "conditions": [
+            {"type": "Ready", "status": "True", "reason": "Valid", "message": "",
+             "observedGeneration": 2, "lastTransitionTime": "2026-11-23T10:00:00Z"}]}),
+    ));
+    assert_eq!(
+        trigger::reconcile(shown, ctx).await.unwrap(),
+        Action::await_change()
+    );
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn an_interrupted_firing_is_reported_not_resent() {
+    let (client, mut h) = mock();
+    // No agent at all: a send would fail; none is attempted.
+    let ctx = trigger_ctx(client, None, true);
+    let t = Arc::new(trigger_obj(
+        json!({"event": {"name": "release"}}),
+        json!({"firing": {"generation": 2, "started": "2026-11-23T10:00:01Z"}}),
+    ));
+    let task = tokio::spawn(trigger::reconcile(t, ctx));
+    let patch = expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    let s = &patch["status"];
+    assert_eq!(s["firing"], Value::Null);
+    assert_eq!(s["lastFiredGeneration"], 2);
+    let c = &s["conditions"][0];
+    assert_eq!(
+        (
+            c["type"].as_str(),
+            c["status"].as_str(),
+            c["reason"].as_str()
+        ),
+        (Some("Sent"), Some("Unknown"), Some("Interrupted"))
+    );
+    task.await.unwrap().unwrap();
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn an_invalid_schedule_shows_in_the_triggers_status() {
+    let (client, mut h) = mock();
+    let ctx = trigger_ctx(client, None, true);
+    let t = Arc::new(trigger_obj(
+        json!({"schedule": "not a cron", "event": {"name": "tick"}}),
+        json!({}),
+    ));
+    let task = tokio::spawn(trigger::reconcile(t, ctx.clone()));
+    let patch = expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    let c = &patch["status"]["conditions"][0];
+    assert_eq!(
+        (
+            c["type"].as_str(),
+            c["status"].as_str(),
+            c["reason"].as_str()
+        ),
+        (Some("Ready"), Some("False"), Some("InvalidSpec"))
+    );
+    assert!(c["message"].as_str().unwrap().contains("not a cron"), "{c}");
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+
+    // Already shown: not written again.
+    let shown = Arc::new(trigger_obj(
+        json!({"schedule": "not a cron", "event": {"name": "tick"}}),
+        json!({"conditions": [c.clone()]}),
+    ));
+    trigger::reconcile(shown, ctx).await.unwrap();
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn a_standby_does_nothing_and_failures_back_off() {
+    let (client, mut h) = mock();
+    let standby = trigger_ctx(client.clone(), None, false);
+    let t = Arc::new(trigger_obj(json!({"event": {"name": "x"}}), json!({})));
+    assert_eq!(
+        trigger::reconcile(t.clone(), standby).await.unwrap(),
+        Action::await_change()
+    );
+    no_more_requests(&mut h).await;
+
+    // The leader with no agent connection: the firing is recorded, the send cannot happen,
+    // the record is cleared (Retrying) and the reconcile fails; error_policy backs off.
+    let ctx = trigger_ctx(client, None, true);
+    let task = tokio::spawn(trigger::reconcile(t.clone(), ctx.clone()));
+    expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    let cleared = expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    assert_eq!(cleared["status"]["firing"], Value::Null);
+    assert_eq!(cleared["status"]["conditions"][0]["reason"], "Retrying");
+    let err = task.await.unwrap().unwrap_err();
+    let delays: Vec<Action> = (0..8)
+        .map(|_| trigger::error_policy(t.clone(), &err, ctx.clone()))
+        .collect();
+    assert_eq!(delays[0], Action::requeue(Duration::from_secs(2)));
+    assert_eq!(delays[1], Action::requeue(Duration::from_secs(4)));
+    assert_eq!(delays[7], Action::requeue(Duration::from_secs(60)));
+
+    // A status write refused: the error says so and nothing is sent.
+    let (client, mut h) = mock();
+    let ctx = trigger_ctx(client, None, true);
+    let task = tokio::spawn(trigger::reconcile(t, ctx));
+    expect(
+        &mut h,
+        Method::PATCH,
+        TSTATUS,
+        403,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "Forbidden", "code": 403, "message": "forbidden"}),
+    )
+    .await;
+    let e = task.await.unwrap().unwrap_err();
+    assert!(matches!(e, Error::Kube { .. }), "{e}");
+    no_more_requests(&mut h).await;
+}
+
+const HANDLER: &str = r#"{"apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+  "metadata": {"name": "web", "namespace": "apps", "uid": "h-uid", "generation": 5},
+  "spec": {"successfulJobsHistoryLimit": 1, "routes": [
+    {"name": "deploy", "events": "user:deploy",
+     "job": {"spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}}},
+    {"name": "bad", "events": "member-joinn", "respond": {"payload": "x"}}]}}"#;
+
+fn finished_job(name: &str, at: &str) -> Job {
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": "apps",
+            "labels": {"serf.operator.io/handler": "web", "serf.operator.io/route": "deploy",
+                       "app.kubernetes.io/managed-by": "serf-operator"}},
+        "status": {"conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": at}]}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
+    let (client, mut h) = mock();
+    let (store, mut writer) = reflector::store::<Job>();
+    for (n, at) in [
+        ("web-deploy-old", "2026-11-23T10:00:00Z"),
+        ("web-deploy-new", "2026-11-23T11:00:00Z"),
+    ] {
+        writer.apply_watcher_event(&watcher::Event::Apply(finished_job(n, at)));
+    }
+    let (status_tx, mut status_rx) = mpsc::channel(16);
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let (_ltx, leader) = watch::channel(true);
+    let ctx = Arc::new(HandlerContext {
+        client,
+        leader,
+        status: status_tx,
+        jobs: vec![store],
+        ledger: ledger.clone(),
+        call_timeout: Duration::from_secs(5),
+        recheck: Duration::from_secs(3),
+    });
+    let handler: Arc<SerfHandler> = Arc::new(serde_json::from_str(HANDLER).unwrap());
+
+    let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
+    // The ledger is read first (none yet).
+    expect(
+        &mut h,
+        Method::GET,
+        "/api/v1/namespaces/apps/configmaps/web-serf-launched",
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
+    .await;
+    // Not deleted yet: the old Job is recorded first, and looked at again later.
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(3))
+    );
+    no_more_requests(&mut h).await;
+    match status_rx.recv().await.unwrap() {
+        StatusMsg::Handler { handler, errors } => {
+            assert_eq!(handler.metadata.generation, Some(5));
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].route, "bad");
+        }
+        other => panic!("{other:?}"),
+    }
+    {
+        let l = ledger.lock().unwrap();
+        let r = serf_operator::jobs::HandlerRef::of(&handler);
+        assert!(l.contains(&r, "web-deploy-old"));
+        assert!(!l.is_recorded(&r, "web-deploy-old"), "not written yet");
+    }
+    // The state writer writes the ledger; the next reconcile deletes the Job.
+    let written = ledger.lock().unwrap().take_dirty(1_800_000_000);
+    assert!(written[0].1.contains("web-deploy-old"));
+    let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
+    let del = expect(
+        &mut h,
+        Method::DELETE,
+        "/apis/batch/v1/namespaces/apps/jobs/web-deploy-old",
+        200,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}),
+    )
+    .await;
+    assert_eq!(del["propagationPolicy"], "Background");
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    no_more_requests(&mut h).await;
+
+    // The state writer turns the message into Ready=False naming the bad route.
+    let mut book = serf_operator::status::StatusBook::default();
+    let errors = serf_operator::engine::Router::new(std::slice::from_ref(&*handler))
+        .errors()
+        .to_vec();
+    book.sync_handler(&handler, &errors, "2026-11-23T12:00:00Z");
+    let s = book.get("apps", "web").unwrap();
+    assert_eq!(s.observed_generation, Some(5));
+    let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+    assert!(ready.message.contains("route bad"), "{}", ready.message);
+}
