@@ -46,14 +46,16 @@ pub struct SerfEventTriggerSpec {
     pub query: Option<TriggerQuery>,
 
     /// A cron schedule (5 fields, e.g. `*/5 * * * *`), in UTC unless `timeZone` says
-    /// otherwise. Without it the trigger fires once for each generation of its spec.
+    /// otherwise. Without it the trigger fires once for each generation of its spec. The API
+    /// server refuses what is not five fields; a schedule the operator still cannot read
+    /// shows as `Ready=False` (reason `InvalidSpec`) in the trigger's status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 128))]
+    #[schemars(length(max = 128), regex(pattern = r"^[0-9A-Za-z*/,?#-]+( +[0-9A-Za-z*/,?#-]+){4}$"))]
     pub schedule: Option<String>,
 
     /// The IANA time zone of `schedule`, e.g. `Europe/Berlin`. Default UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), regex(pattern = r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"))]
     pub time_zone: Option<String>,
 
     /// Stop firing (a scheduled trigger skips its ticks; an unscheduled one waits).

@@ -63,7 +63,7 @@ async fn ready(metrics: u16) -> bool {
         return false;
     };
     let _ = s
-        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await;
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf).await;
