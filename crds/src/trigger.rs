@@ -50,12 +50,18 @@ pub struct SerfEventTriggerSpec {
     /// server refuses what is not five fields; a schedule the operator still cannot read
     /// shows as `Ready=False` (reason `InvalidSpec`) in the trigger's status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 128), regex(pattern = r"^[0-9A-Za-z*/,?#-]+( +[0-9A-Za-z*/,?#-]+){4}$"))]
+    #[schemars(
+        length(max = 128),
+        regex(pattern = r"^[0-9A-Za-z*/,?#-]+( +[0-9A-Za-z*/,?#-]+){4}$")
+    )]
     pub schedule: Option<String>,
 
     /// The IANA time zone of `schedule`, e.g. `Europe/Berlin`. Default UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64), regex(pattern = r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"))]
+    #[schemars(
+        length(max = 64),
+        regex(pattern = r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
+    )]
     pub time_zone: Option<String>,
 
     /// Stop firing (a scheduled trigger skips its ticks; an unscheduled one waits).

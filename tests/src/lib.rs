@@ -306,3 +306,175 @@ pub async fn wait_for_default_service_account(client: &Client, ns: &str) -> anyh
     }
     Ok(())
 }
+
+/// What a [`Proxy`] does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forwards bytes both ways.
+    Pass,
+    /// Accepts connections and holds every byte (an API server that hangs).
+    Pause,
+    /// Closes every connection and refuses new ones (an API server that is down).
+    Refuse,
+}
+
+/// A TCP proxy on loopback in front of an upstream address, which a test can pause or close.
+pub struct Proxy {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    mode: tokio::sync::watch::Sender<ProxyMode>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts forwarding to `upstream`.
+    ///
+    /// # Errors
+    /// No port to listen on.
+    pub async fn start(upstream: std::net::SocketAddr) -> anyhow::Result<Proxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (mode, rx) = tokio::sync::watch::channel(ProxyMode::Pass);
+        let task = tokio::spawn(proxy_loop(Some(listener), addr, upstream, rx));
+        Ok(Proxy { addr, mode, task })
+    }
+
+    /// Switches the mode.
+    pub fn set(&self, mode: ProxyMode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn proxy_loop(
+    mut listener: Option<tokio::net::TcpListener>,
+    addr: std::net::SocketAddr,
+    upstream: std::net::SocketAddr,
+    mut mode: tokio::sync::watch::Receiver<ProxyMode>,
+) {
+    loop {
+        let current = *mode.borrow_and_update();
+        if current == ProxyMode::Refuse {
+            listener = None;
+        } else if listener.is_none() {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => listener = Some(l),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(l) = &listener else {
+            if mode.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            r = mode.changed() => if r.is_err() { return },
+            accepted = l.accept() => {
+                if let Ok((down, _)) = accepted {
+                    tokio::spawn(proxy_conn(down, upstream, mode.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn proxy_conn(
+    down: tokio::net::TcpStream,
+    upstream: std::net::SocketAddr,
+    mode: tokio::sync::watch::Receiver<ProxyMode>,
+) {
+    let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (dr, dw) = down.into_split();
+    let (ur, uw) = up.into_split();
+    tokio::select! {
+        _ = pipe(dr, uw, mode.clone()) => {}
+        _ = pipe(ur, dw, mode.clone()) => {}
+    }
+}
+
+/// Copies `from` to `to` while the mode is Pass, holds the bytes while Pause, ends on Refuse.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: tokio::sync::watch::Receiver<ProxyMode>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            _ = mode.wait_for(|m| *m == ProxyMode::Refuse) => return,
+        };
+        // Hold the bytes while paused.
+        match mode.wait_for(|m| *m != ProxyMode::Pause).await {
+            Ok(m) if *m == ProxyMode::Refuse => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A copy of the `KUBECONFIG` file whose server is `server` (e.g. a [`Proxy`]), and the
+/// original server's address.
+///
+/// # Errors
+/// The file cannot be read, parsed or written.
+pub fn kubeconfig_via(
+    server: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> anyhow::Result<(PathBuf, std::net::SocketAddr)> {
+    let path = std::env::var("KUBECONFIG")?;
+    let text = std::fs::read_to_string(&path)?;
+    let mut v: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let mut upstream = None;
+    if let Some(clusters) = v.get_mut("clusters").and_then(|c| c.as_sequence_mut()) {
+        for c in clusters {
+            if let Some(s) = c.get_mut("cluster").and_then(|c| c.get_mut("server")) {
+                let url = s.as_str().unwrap_or_default().to_string();
+                let hostport = url
+                    .trim_start_matches("https://")
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_string();
+                upstream = hostport.parse().ok();
+                *s = serde_yaml::Value::String(format!("https://{server}"));
+            }
+        }
+    }
+    let upstream = upstream.ok_or_else(|| anyhow::anyhow!("no IP:port server in {path}"))?;
+    let out = dir.join("kubeconfig-via-proxy");
+    std::fs::write(&out, serde_yaml::to_string(&v)?)?;
+    Ok((out, upstream))
+}
+
+/// One `GET` of the operator's admin endpoint; the response's body.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    buf.starts_with("HTTP/1.1 200")
+        .then(|| buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
