@@ -242,3 +242,131 @@ async fn queries_answered_and_no_job_lost_while_the_api_server_is_away() {
     dispatcher.await.unwrap();
     assert!(pool_task.await.unwrap().is_empty(), "nothing left over");
 }
+
+#[tokio::test]
+async fn a_create_still_in_flight_at_shutdown_is_handed_over_and_taken_back() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let (status_tx, _status_rx) = mpsc::channel::<StatusMsg>(64);
+    let (events_tx, _events_rx) = mpsc::channel(64);
+    let sinks = Sinks {
+        status: status_tx,
+        events: events_tx,
+        metrics: Metrics::new(),
+    };
+    let policy = RetryPolicy {
+        call_timeout: Duration::from_secs(30),
+        ..RetryPolicy::default()
+    };
+    let (launch_tx, launch_rx) = mpsc::channel::<PendingLaunch>(8);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pool = LaunchPool::new(client.clone(), policy, 2, Arc::default(), sinks);
+    let pool_task = tokio::spawn(pool.run(launch_rx, stop_rx));
+
+    // A launch whose create the API server never answers.
+    let hs = parse_handlers(HANDLERS, Path::new("h.yaml")).unwrap();
+    let mut engine = serf_operator::engine::Engine::new(&hs, Membership::default());
+    let node = serf_operator::contract::SelfNode {
+        name: "n".into(),
+        tags: Default::default(),
+    };
+    let outcome = engine.route(
+        &serf_client::Event::User(serf_client::UserEvent {
+            ltime: 9,
+            name: "deploy".into(),
+            payload: b"v9".to_vec(),
+            coalesce: false,
+        }),
+        &serf_operator::engine::Context {
+            node: &node,
+            pod: ("", ""),
+            active: &NoActiveJobs,
+            now: std::time::SystemTime::now(),
+            replayed: false,
+        },
+    );
+    let Some(serf_operator::engine::Action::Launch(launch)) = outcome.actions.into_iter().next()
+    else {
+        panic!("no launch")
+    };
+    let name = launch.job.metadata.name.clone().unwrap();
+    launch_tx
+        .send(PendingLaunch {
+            launch: launch.clone(),
+            event: "user:deploy@9".into(),
+            received: std::time::Instant::now(),
+        })
+        .await
+        .unwrap();
+    // The ledger read, then the create: both hang.
+    let _held = handle.next_request().await.unwrap();
+    drop(launch_tx);
+    // (the ledger read times out only after 30 s: the grace period ends first)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop_tx.send(true).unwrap();
+    let left = tokio::time::timeout(Duration::from_secs(5), pool_task)
+        .await
+        .expect("the pool stops at the end of the grace period")
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        left[0].launch.job.metadata.name.as_deref(),
+        Some(name.as_str())
+    );
+
+    // Handed over: one apply of the pending ConfigMap holding the whole launch.
+    let task = tokio::spawn({
+        let client = client.clone();
+        async move {
+            serf_operator::state::hand_over(&client, "serf-system", left, Duration::from_secs(5))
+                .await
+        }
+    });
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.method(), Method::PATCH);
+    assert_eq!(
+        req.uri().path(),
+        "/api/v1/namespaces/serf-system/configmaps/serf-operator-pending-launches"
+    );
+    let body: Value =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap(),
+    );
+    assert!(task.await.unwrap().is_empty(), "nothing dropped");
+
+    // The next start takes it back, exactly as it was, and deletes the record.
+    let task = tokio::spawn({
+        let client = client.clone();
+        async move {
+            serf_operator::state::take_over(&client, "serf-system", Duration::from_secs(5)).await
+        }
+    });
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.method(), Method::GET);
+    let mut cm = body.clone();
+    cm["metadata"]["resourceVersion"] = json!("1");
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(serde_json::to_vec(&cm).unwrap()))
+            .unwrap(),
+    );
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.method(), Method::DELETE);
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(
+                serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200})).unwrap(),
+            ))
+            .unwrap(),
+    );
+    let back = task.await.unwrap().unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].0, *launch);
+    assert_eq!(back[0].1, "user:deploy@9");
+}
