@@ -108,16 +108,7 @@ pub trait Effects: Send {
         query_id: u64,
         payload: &[u8],
     ) -> impl std::future::Future<Output = Result<(), serf_client::Error>> + Send {
-        let serf = serf.cloned();
-        let payload = payload.to_vec();
-        async move {
-            match serf {
-                Some(c) => c.respond(query_id, &payload).await,
-                None => Err(serf_client::Error::Invalid(
-                    "not connected to the Serf agent".into(),
-                )),
-            }
-        }
+        respond(serf, query_id, payload, false)
     }
     /// Count what a route did.
     fn record(&mut self, handler: &HandlerRef, route: &str, event: &str, what: RouteEvent);
@@ -142,6 +133,27 @@ pub trait Effects: Send {
     fn serf_link(&mut self, _up: bool) {}
     /// An event left the queue.
     fn dequeued(&mut self) {}
+}
+
+/// Answers query `query_id` on `serf`. Without a connection: an error, or, when
+/// `offline_ok` (`route`, which only prints), nothing to do.
+pub fn respond(
+    serf: Option<&serf_client::Client>,
+    query_id: u64,
+    payload: &[u8],
+    offline_ok: bool,
+) -> impl std::future::Future<Output = Result<(), serf_client::Error>> + Send + use<> {
+    let serf = serf.cloned();
+    let payload = payload.to_vec();
+    async move {
+        match serf {
+            Some(c) => c.respond(query_id, &payload).await,
+            None if offline_ok => Ok(()),
+            None => Err(serf_client::Error::Invalid(
+                "not connected to the Serf agent".into(),
+            )),
+        }
+    }
 }
 
 /// The event path's state: the engine, the operator's own Serf node, the current agent

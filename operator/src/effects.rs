@@ -383,7 +383,7 @@ impl Worker {
         let metrics = &self.sinks.metrics;
         let record_in_ledger = |name: &str| {
             if let Ok(mut ledger) = self.ledger.lock() {
-                ledger.record(&l.handler, name, unix_now());
+                ledger.record(&l.handler, name, crate::ledger::unix_now());
             }
         };
         match result {
@@ -479,13 +479,6 @@ impl Worker {
             }
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Publishes Kubernetes Events from `rx` until it closes; each publish is bounded by

@@ -28,6 +28,14 @@ pub const KEEP_NEWEST: usize = 2048;
 pub const HORIZON_SECS: i64 = 7 * 24 * 3600;
 const DATA_KEY: &str = "launched";
 
+/// Now, in unix seconds (the ledger's clock).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// The ConfigMap name of a handler's ledger.
 pub fn ledger_name(handler: &str) -> String {
     let mut base = handler.to_string();

@@ -262,14 +262,7 @@ impl<W: Write + Send> Effects for PrintEffects<W> {
         query_id: u64,
         payload: &[u8],
     ) -> impl std::future::Future<Output = Result<(), serf_client::Error>> + Send {
-        let serf = serf.cloned();
-        let payload = payload.to_vec();
-        async move {
-            match serf {
-                Some(c) => c.respond(query_id, &payload).await,
-                None => Ok(()),
-            }
-        }
+        crate::dispatch::respond(serf, query_id, payload, true)
     }
 
     fn record(&mut self, _: &HandlerRef, _: &str, _: &str, _: RouteEvent) {}

@@ -153,7 +153,7 @@ impl StateWriter {
         }
         let t = self.cfg.call_timeout;
         let dirty_ledgers = match self.ledger.lock() {
-            Ok(mut l) => l.take_dirty(unix_now()),
+            Ok(mut l) => l.take_dirty(crate::ledger::unix_now()),
             Err(_) => Vec::new(),
         };
         for (k, text) in dirty_ledgers {
@@ -252,13 +252,6 @@ pub async fn until_set(flag: &mut watch::Receiver<bool>) {
 
 fn now() -> String {
     crate::local::rfc3339(std::time::SystemTime::now())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// The ConfigMap (in the state namespace) that holds Job creates a shutdown cut short.

@@ -158,7 +158,7 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
                     true
                 } else {
                     if !l.contains(&href, &name) {
-                        l.record(&href, &name, unix_now());
+                        l.record(&href, &name, crate::ledger::unix_now());
                     }
                     false
                 }
@@ -187,13 +187,6 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
     } else {
         Action::await_change()
     })
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Backs off 5 s.
