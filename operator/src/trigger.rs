@@ -402,17 +402,21 @@ pub async fn fire(
         &outcome,
         &crate::local::rfc3339(std::time::SystemTime::now()),
     );
-    for attempt in 1u32..=5 {
-        match patch_status(client, t, patch.clone()).await {
-            Ok(()) => break,
-            Err(e) if attempt < 5 => {
-                tracing::warn!(error = %e, "cannot record the trigger's outcome; retrying");
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the outcome could not be recorded; the trigger will show Sent=Unknown")
-            }
-        }
+    use backon::Retryable;
+    let record = || patch_status(client, t, patch.clone());
+    let recorded = record
+        .retry(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_times(4),
+        )
+        .sleep(tokio::time::sleep)
+        .notify(|e: &kube::Error, _| {
+            tracing::warn!(error = %e, "cannot record the trigger's outcome; retrying");
+        })
+        .await;
+    if let Err(e) = recorded {
+        tracing::error!(error = %e, "the outcome could not be recorded; the trigger will show Sent=Unknown");
     }
     Ok(outcome)
 }
