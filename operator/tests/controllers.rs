@@ -390,3 +390,47 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
     assert_eq!(ready.status, "False");
     assert!(ready.message.contains("route bad"), "{}", ready.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_its_latest_tick_once_and_requeues_for_the_next() {
+    let cluster = Cluster::start(vec![AgentConfig::new("ctl-tick")]).unwrap();
+    let serf = serf_client::Client::connect(ClientConfig::new(cluster[0].rpc_addr().to_string()))
+        .await
+        .unwrap();
+    let (client, mut h) = mock();
+    let ctx = trigger_ctx(client, Some(serf), true);
+    // Every minute; the last tick handled is long past: the latest tick fires, once.
+    let spec = json!({"schedule": "* * * * *", "event": {"name": "tick"}});
+    let t = Arc::new(trigger_obj(
+        spec.clone(),
+        json!({"lastScheduleTime": "2026-11-23T10:00:00Z", "lastFiredGeneration": 2}),
+    ));
+    let task = tokio::spawn(trigger::reconcile(t.clone(), ctx.clone()));
+    let first = expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    let tick = first["status"]["firing"]["tick"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tick_at: jiff::Timestamp = tick.parse().unwrap();
+    let age = jiff::Timestamp::now().as_second() - tick_at.as_second();
+    assert!(
+        (0..=60).contains(&age),
+        "the latest tick, not a missed one: {tick}"
+    );
+    let second = expect(&mut h, Method::PATCH, TSTATUS, 200, ok_obj()).await;
+    assert_eq!(second["status"]["lastScheduleTime"], tick.as_str());
+    let action = task.await.unwrap().unwrap();
+    // Requeued for the next tick (within a minute), not left to wait for a change.
+    assert_ne!(action, Action::await_change());
+    let until_next = 60 - age;
+    assert!(
+        format!("{action:?}").contains("requeue_after: Some"),
+        "{action:?} (next tick in about {until_next} s)"
+    );
+    // The same tick from a stale cache: not fired again.
+    assert_eq!(
+        trigger::reconcile(t, ctx).await.unwrap(),
+        Action::requeue(Duration::from_millis(500))
+    );
+    no_more_requests(&mut h).await;
+}
