@@ -116,8 +116,12 @@ where
     let (reader, writer) = reflector::store();
     let kind = K::kind(&Default::default()).to_string();
     set.spawn(
-        reflector::reflector(writer, watcher(api, cfg))
-            .default_backoff()
+        // Managed fields are never read: not kept in memory.
+        reflector::reflector(
+            writer,
+            watcher(api, cfg).modify(|o| o.meta_mut().managed_fields = None),
+        )
+        .default_backoff()
             .for_each(move |r| {
                 match r {
                     Err(e) => tracing::warn!(error = %e, kind = %kind, "watch"),
