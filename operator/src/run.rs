@@ -122,17 +122,17 @@ where
             watcher(api, cfg).modify(|o| o.meta_mut().managed_fields = None),
         )
         .default_backoff()
-            .for_each(move |r| {
-                match r {
-                    Err(e) => tracing::warn!(error = %e, kind = %kind, "watch"),
-                    Ok(_) => {
-                        if let Some(n) = &changed {
-                            n.notify_one();
-                        }
+        .for_each(move |r| {
+            match r {
+                Err(e) => tracing::warn!(error = %e, kind = %kind, "watch"),
+                Ok(_) => {
+                    if let Some(n) = &changed {
+                        n.notify_one();
                     }
                 }
-                std::future::ready(())
-            }),
+            }
+            std::future::ready(())
+        }),
     );
     reader
 }
