@@ -467,10 +467,18 @@ pub struct Launch {
     pub route: String,
     /// The Job, with its deterministic name.
     pub job: Job,
-    /// The Secret holding `/serf/stdin` (same name; to be owned by the Job).
-    pub stdin: Secret,
+    /// The Secret holding `/serf/stdin` when the Job's pod template cannot (non-UTF-8,
+    /// NUL, over 64 KiB); same name; created before the Job.
+    pub stdin: Option<Secret>,
     /// Active Jobs to delete first (concurrency policy Replace).
     pub replace: Vec<String>,
+}
+
+impl Launch {
+    /// The bytes its containers read at `/serf/stdin`.
+    pub fn stdin_bytes(&self) -> Vec<u8> {
+        jobs::stdin_bytes(&self.job, self.stdin.as_ref())
+    }
 }
 
 /// What to do, or why not, for one route.

@@ -1,5 +1,5 @@
-//! Builds the Job (and the Secret that carries `/serf/stdin`) that a route launches for an
-//! event. Payloads reach the Job only as environment values and file content, never as
+//! Builds the Job that a route launches for an event, with `/serf/stdin` in its pod
+//! template (or, for bytes an annotation cannot hold, in a Secret made before it). Payloads reach the Job only as environment values and file content, never as
 //! part of a command line or of the manifest's structure, and every environment value from
 //! Serf is escaped so that Kubernetes' `$(VAR)` expansion leaves it as sent.
 
@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, Secret, SecretVolumeSource, Volume, VolumeMount,
+    Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar, ObjectFieldSelector, Secret,
+    SecretVolumeSource, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -91,12 +92,33 @@ pub struct JobRequest<'a> {
     pub replayed: bool,
 }
 
-/// Builds the Job and its stdin Secret.
+/// Annotation of the Job's pod template holding the bytes of `/serf/stdin` (projected there
+/// by a downward-API volume).
+pub const ANNOTATION_STDIN: &str = "serf.operator.io/stdin";
+/// The most stdin bytes carried in the annotation (Kubernetes allows 256 KiB of annotations
+/// in all; the template's own keep the rest).
+pub const MAX_ANNOTATION_STDIN: usize = 64 * 1024;
+
+/// The stdin as annotation text, when it can be one: UTF-8, no NUL, at most
+/// [`MAX_ANNOTATION_STDIN`] bytes.
+pub fn stdin_as_annotation(stdin: &[u8]) -> Option<&str> {
+    if stdin.len() > MAX_ANNOTATION_STDIN {
+        return None;
+    }
+    std::str::from_utf8(stdin)
+        .ok()
+        .filter(|t| !t.contains('\0'))
+}
+
+/// Builds the Job, and the Secret that carries `/serf/stdin` when the Job cannot carry it
+/// itself.
 ///
-/// The Secret has the Job's name and should be owned by the Job once the Job exists (so it
-/// is deleted with it); the Job mounts it at `/serf` in every container and init container
-/// and waits for it if it is not there yet.
-pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
+/// In the common case (stdin is UTF-8 text of at most 64 KiB) there is no Secret: the bytes
+/// are an annotation of the Job's pod template, projected to `/serf/stdin` by a downward-API
+/// volume, so one create makes the whole Job. Otherwise the Secret (same name, owned by the
+/// handler) is mounted instead; it must exist before the Job, and is handed to the Job as its
+/// owner once the Job exists.
+pub fn build(req: &JobRequest<'_>) -> (Job, Option<Secret>) {
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     labels.insert(LABEL_HANDLER.into(), label_value(&req.handler.name));
     labels.insert(LABEL_ROUTE.into(), label_value(req.route));
@@ -134,6 +156,13 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
         .labels
         .get_or_insert_with(Default::default)
         .extend(labels.clone());
+    let in_annotation = stdin_as_annotation(&req.stdin);
+    if let Some(text) = in_annotation {
+        pod_meta
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(ANNOTATION_STDIN.into(), text.to_string());
+    }
     if let Some(pod) = spec.template.spec.as_mut() {
         let env: Vec<EnvVar> = req.env.iter().map(|(k, v)| serf_env_var(k, v)).collect();
         let decorate = |c: &mut Container| {
@@ -160,16 +189,34 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
         if let Some(init) = pod.init_containers.as_mut() {
             init.iter_mut().for_each(decorate);
         }
-        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
-            name: STDIN_VOLUME.into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(req.name.clone()),
-                default_mode: Some(0o444),
-                optional: Some(false),
+        let volume = match in_annotation {
+            Some(_) => Volume {
+                name: STDIN_VOLUME.into(),
+                downward_api: Some(DownwardAPIVolumeSource {
+                    default_mode: Some(0o444),
+                    items: Some(vec![DownwardAPIVolumeFile {
+                        path: STDIN_FILE.into(),
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: format!("metadata.annotations['{ANNOTATION_STDIN}']"),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
+            },
+            None => Volume {
+                name: STDIN_VOLUME.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(req.name.clone()),
+                    default_mode: Some(0o444),
+                    optional: Some(false),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        };
+        pod.volumes.get_or_insert_with(Vec::new).push(volume);
     }
 
     let job = Job {
@@ -178,12 +225,15 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
             namespace: Some(req.handler.namespace.clone()),
             labels: Some(job_labels),
             annotations: Some(annotations.clone()),
-            owner_references: owner.map(|o| vec![o]),
+            owner_references: owner.clone().map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(spec),
         status: None,
     };
+    if in_annotation.is_some() {
+        return (job, None);
+    }
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(req.name.clone()),
@@ -196,6 +246,12 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
                 )]
                 .into(),
             ),
+            // Until the Job exists and takes it over: deleted with the handler at the latest.
+            owner_references: owner.map(|mut o| {
+                o.controller = Some(false);
+                o.block_owner_deletion = Some(false);
+                vec![o]
+            }),
             ..Default::default()
         },
         data: Some([(STDIN_FILE.to_string(), ByteString(req.stdin.clone()))].into()),
@@ -203,7 +259,7 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Secret) {
         type_: Some("Opaque".into()),
         ..Default::default()
     };
-    (job, secret)
+    (job, Some(secret))
 }
 
 /// The one place a Serf-derived value becomes a container environment variable: the value
@@ -217,16 +273,35 @@ pub fn serf_env_var(name: &str, value: &str) -> EnvVar {
     }
 }
 
-/// The owner reference that ties the stdin Secret to its Job.
-pub fn owned_by_job(secret: &mut Secret, job_name: &str, job_uid: &str) {
-    secret.metadata.owner_references = Some(vec![OwnerReference {
+/// The owner reference that ties the stdin Secret to its Job (so it goes with the Job).
+pub fn job_owner(job_name: &str, job_uid: &str) -> OwnerReference {
+    OwnerReference {
         api_version: "batch/v1".into(),
         kind: "Job".into(),
         name: job_name.into(),
         uid: job_uid.into(),
         controller: Some(false),
         block_owner_deletion: Some(false),
-    }]);
+    }
+}
+
+/// The bytes a Job's containers read at `/serf/stdin`: the pod template's annotation, or
+/// the Secret's data.
+pub fn stdin_bytes(job: &Job, secret: Option<&Secret>) -> Vec<u8> {
+    if let Some(text) = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(ANNOTATION_STDIN))
+    {
+        return text.as_bytes().to_vec();
+    }
+    secret
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| d.get(STDIN_FILE))
+        .map(|b| b.0.clone())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

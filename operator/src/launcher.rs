@@ -1,5 +1,6 @@
-//! Creates the Jobs the engine decides on, exactly once per event, and holds **the retry
-//! policy for Job creation** ([`RetryPolicy`]): 409 AlreadyExists is "already launched"; a
+//! Creates the Jobs the engine decides on, exactly once per event (one create each, or the
+//! stdin Secret first when the Job cannot carry its stdin), and holds **the retry policy for
+//! Job creation** ([`RetryPolicy`]): 409 AlreadyExists is "already launched"; a
 //! transient failure (the API server unreachable, hanging, 429 or 5xx) is retried with capped
 //! exponential backoff until the launch's deadline, so an API server that restarts loses
 //! nothing; any other 4xx is final and its message is reported. Talks to the API server.
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::{Api, Client};
 
 use crate::engine::Launch;
@@ -163,8 +164,10 @@ impl Launcher {
         Launcher { client, retry }
     }
 
-    /// Creates the Job (after deleting the Jobs it replaces) and then its stdin Secret,
-    /// owned by the Job, retrying what can succeed later until `received` + the deadline.
+    /// Creates the Job (after deleting the Jobs it replaces): one create in the common case;
+    /// when `/serf/stdin` needs a Secret, the Secret first, so that no Job exists without
+    /// its stdin, then handed to the Job as its owner (or deleted if the Job is never
+    /// created). Retries what can succeed later until `received` + the deadline.
     pub async fn launch(&self, l: &Launch) -> LaunchResult {
         self.launch_since(l, Instant::now()).await
     }
@@ -174,6 +177,7 @@ impl Launcher {
     pub async fn launch_since(&self, l: &Launch, received: Instant) -> LaunchResult {
         let ns = l.handler.namespace.as_str();
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let name = l.job.metadata.name.clone().unwrap_or_default();
         let policy = self.retry;
         for old in &l.replace {
@@ -182,9 +186,7 @@ impl Launcher {
                 ..Default::default()
             };
             match policy
-                .run(received, "delete the replaced Job", || {
-                    jobs.delete(old, &dp)
-                })
+                .run(received, "delete the replaced Job", || jobs.delete(old, &dp))
                 .await
             {
                 Ok(_) => {
@@ -201,6 +203,24 @@ impl Launcher {
             }
         }
         let pp = PostParams::default();
+        if let Some(secret) = &l.stdin {
+            match policy
+                .run(received, "create the /serf/stdin Secret", || {
+                    secrets.create(&pp, secret)
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 409) => {}
+                Err(e) => {
+                    return LaunchResult::failed(
+                        name,
+                        &e,
+                        Some("cannot create the /serf/stdin Secret, so not the Job".into()),
+                    );
+                }
+            }
+        }
         // A create that timed out or lost its connection may have been applied: a 409 on a
         // later attempt is then this launch's own Job.
         let uncertain = AtomicBool::new(false);
@@ -223,13 +243,15 @@ impl Launcher {
                 job.metadata.uid.clone(),
             ),
             Err(e) if is_code(&e, 409) => {
-                // Launched before. Its Secret may be missing if the earlier run stopped in
-                // between: look the Job up and make sure.
-                let uid = policy
-                    .run(received, "read the existing Job", || jobs.get(&name))
-                    .await
-                    .ok()
-                    .and_then(|j| j.metadata.uid);
+                let uid = match &l.stdin {
+                    // Its Secret goes with the Job that exists.
+                    Some(_) => policy
+                        .run(received, "read the existing Job", || jobs.get(&name))
+                        .await
+                        .ok()
+                        .and_then(|j| j.metadata.uid),
+                    None => None,
+                };
                 let result = if uncertain.load(Ordering::Relaxed) {
                     LaunchResult::Created { name: name.clone() }
                 } else {
@@ -237,27 +259,36 @@ impl Launcher {
                 };
                 (result, uid)
             }
-            Err(e) => return LaunchResult::failed(name, &e, None),
+            Err(e) => {
+                if l.stdin.is_some() {
+                    // Not used by any Job: cleaned up (best effort).
+                    let dp = DeleteParams::default();
+                    if let Err(d) = kube_call(
+                        "delete the unused /serf/stdin Secret",
+                        policy.call_timeout,
+                        secrets.delete(&name, &dp),
+                    )
+                    .await
+                    {
+                        tracing::warn!(error = %d, "the unused /serf/stdin Secret stays (owned by the handler)");
+                    }
+                }
+                return LaunchResult::failed(name, &e, None);
+            }
         };
-        if let Some(uid) = uid {
-            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-            let mut secret = l.stdin.clone();
-            jobs::owned_by_job(&mut secret, &name, &uid);
-            match policy
-                .run(received, "create the /serf/stdin Secret", || {
-                    secrets.create(&pp, &secret)
+        if let (Some(_), Some(uid)) = (&l.stdin, uid) {
+            let owner = jobs::job_owner(&name, &uid);
+            let patch = Patch::Merge(serde_json::json!({
+                "metadata": {"ownerReferences": [owner]}
+            }));
+            let pp = PatchParams::default();
+            if let Err(e) = policy
+                .run(received, "hand the /serf/stdin Secret to its Job", || {
+                    secrets.patch(&name, &pp, &patch)
                 })
                 .await
             {
-                Ok(_) => {}
-                Err(e) if is_code(&e, 409) => {}
-                Err(e) => {
-                    return LaunchResult::failed(
-                        name,
-                        &e,
-                        Some("Job created but its /serf/stdin Secret is not".into()),
-                    );
-                }
+                tracing::warn!(error = %e, "the /serf/stdin Secret stays owned by the handler");
             }
         }
         result

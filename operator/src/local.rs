@@ -171,7 +171,9 @@ pub fn render(outcome: &Outcome) -> Result<String, serde_yaml::Error> {
                 line.job = l.job.metadata.name.clone();
                 line.replaces = l.replace.clone();
                 docs.push(serde_yaml::to_string(&l.job)?);
-                docs.push(serde_yaml::to_string(&l.stdin)?);
+                if let Some(secret) = &l.stdin {
+                    docs.push(serde_yaml::to_string(secret)?);
+                }
             }
             Action::Answer { payload, .. } => {
                 line.action = "answer";

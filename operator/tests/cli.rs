@@ -49,14 +49,16 @@ fn route_prints_jobs_answers_and_reasons_as_yaml() {
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&out)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
-    assert_eq!(docs.len(), 3, "{out}");
+    assert_eq!(docs.len(), 2, "one Job, no second object: {out}");
     assert_eq!(docs[0]["event"], "user:deploy@1");
     assert_eq!(docs[0]["results"][0]["action"], "createJob");
     let job: k8s_openapi::api::batch::v1::Job = serde_yaml::from_value(docs[1].clone()).unwrap();
     assert_eq!(job.metadata.namespace.as_deref(), Some("apps"));
-    let secret: k8s_openapi::api::core::v1::Secret =
-        serde_yaml::from_value(docs[2].clone()).unwrap();
-    assert_eq!(secret.data.unwrap()["stdin"].0, b"v1.2.3\n");
+    assert_eq!(
+        serf_operator::jobs::stdin_bytes(&job, None),
+        b"v1.2.3\n",
+        "/serf/stdin travels in the Job"
+    );
 
     // Why nothing ran: the role, and events no route takes.
     let (ok, out, _) = run(&[

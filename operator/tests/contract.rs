@@ -229,7 +229,7 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
         for (k, v) in &job_env {
             assert!(!v.contains(SECRET), "{k} leaks the secret: {v:?}");
         }
-        let job_stdin = launch.stdin.data.as_ref().unwrap()["stdin"].0.clone();
+        let job_stdin = launch.stdin_bytes();
 
         // The script's record of the same event (the handler runs synchronously in the
         // agent, before or around the stream delivery).

@@ -180,10 +180,25 @@ fn web_handler_deploys_on_its_role_only() {
     assert_eq!(labels["serf.operator.io/route"], "deploy");
     assert_eq!(labels["serf.operator.io/event"], "user");
     assert_eq!(labels["serf.operator.io/event-name"], "deploy");
-    // The stdin Secret: the payload plus a newline, as Serf pipes it.
-    let stdin = &l[0].stdin.data.as_ref().unwrap()["stdin"].0;
+    // /serf/stdin: the payload plus a newline, as Serf pipes it, in the Job itself (a
+    // downward-API volume of a pod annotation): no second object.
+    let stdin = &l[0].stdin_bytes();
     assert_eq!(stdin, b"v1.2.3\n");
-    assert_eq!(l[0].stdin.metadata.name, job.metadata.name);
+    assert!(l[0].stdin.is_none());
+    let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let vol = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "serf-operator-stdin")
+        .unwrap();
+    let item = &vol.downward_api.as_ref().unwrap().items.as_ref().unwrap()[0];
+    assert_eq!(item.path, "stdin");
+    assert_eq!(
+        item.field_ref.as_ref().unwrap().field_path,
+        "metadata.annotations['serf.operator.io/stdin']"
+    );
 
     // On a db node the web route skips with the reason; the db route does not take deploy.
     let o = route(&mut engine, &ev, &node("db"));
@@ -212,7 +227,7 @@ fn web_handler_deploys_on_its_role_only() {
     assert_eq!(l[0].route, "member-join");
     assert_eq!(env_of(&l[0].job)["SERF_EVENT"], "member-join");
     assert_eq!(
-        l[0].stdin.data.as_ref().unwrap()["stdin"].0,
+        l[0].stdin_bytes(),
         b"web-2\t10.0.0.5\tweb\trole=web\ndb-3\t10.0.0.5\tdb\trole=db\n"
     );
 
@@ -353,7 +368,7 @@ fn remediation_coalesces_db_failures_only() {
     assert_eq!(out.len(), 1);
     let l = launches(&out[0]);
     assert_eq!(l.len(), 1);
-    let stdin = String::from_utf8(l[0].stdin.data.as_ref().unwrap()["stdin"].0.clone()).unwrap();
+    let stdin = String::from_utf8(l[0].stdin_bytes()).unwrap();
     assert_eq!(
         stdin,
         "db-1\t10.0.0.5\tdb\trole=db\ndb-2\t10.0.0.5\tdb\trole=db\n"
@@ -612,7 +627,7 @@ spec:
     let env = env_of(&l[0].job);
     assert_eq!(env["SERF_PAYLOAD_BASE64"], "/wBB");
     assert_eq!(
-        l[0].stdin.data.as_ref().unwrap()["stdin"].0,
+        l[0].stdin_bytes(),
         vec![0xff, 0x00, 0x41, b'\n']
     );
     let owner = &l[0].job.metadata.owner_references.as_ref().unwrap()[0];

@@ -67,6 +67,10 @@ async fn no_more_requests(handle: &mut Handle) {
 }
 
 fn launch(policy: &str) -> Launch {
+    launch_with(policy, b"v1.2.3")
+}
+
+fn launch_with(policy: &str, payload: &[u8]) -> Launch {
     let yaml = format!(
         r#"
 apiVersion: serf.operator.io/v1alpha1
@@ -100,7 +104,7 @@ spec:
         &Event::User(UserEvent {
             ltime: 42,
             name: "deploy".into(),
-            payload: b"v1.2.3".to_vec(),
+            payload: payload.to_vec(),
             coalesce: false,
         }),
         &Context {
@@ -121,9 +125,10 @@ const JOBS: &str = "/apis/batch/v1/namespaces/apps/jobs";
 const SECRETS: &str = "/api/v1/namespaces/apps/secrets";
 
 #[tokio::test]
-async fn creates_the_job_then_its_secret_owned_by_it() {
+async fn one_create_makes_the_job_with_its_stdin() {
     let (client, mut h) = mock();
     let l = launch("Allow");
+    assert!(l.stdin.is_none(), "text stdin needs no Secret");
     let name = l.job.metadata.name.clone().unwrap();
     let task = tokio::spawn({
         let l = l.clone();
@@ -145,18 +150,75 @@ async fn creates_the_job_then_its_secret_owned_by_it() {
             .unwrap()
             .contains(&json!({"name": "SERF_PAYLOAD", "value": "v1.2.3"}))
     );
-
-    let secret = expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
-    assert_eq!(secret["metadata"]["name"], name.as_str());
-    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "job-uid-7");
-    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "Job");
-    assert_eq!(secret["data"]["stdin"], "djEuMi4zCg==");
+    assert_eq!(
+        body["spec"]["template"]["metadata"]["annotations"]["serf.operator.io/stdin"],
+        "v1.2.3\n"
+    );
     assert_eq!(task.await.unwrap(), LaunchResult::Created { name });
     no_more_requests(&mut h).await;
 }
 
 #[tokio::test]
-async fn conflict_means_already_launched_and_the_secret_is_ensured() {
+async fn binary_stdin_gets_its_secret_before_the_job_and_then_the_job_owns_it() {
+    let (client, mut h) = mock();
+    let l = launch_with("Allow", &[0xff, 0x00, b'x']);
+    let name = l.job.metadata.name.clone().unwrap();
+    let task = tokio::spawn({
+        let l = l.clone();
+        let client = client.clone();
+        async move { Launcher::new(client, fast()).launch(&l).await }
+    });
+    let secret = expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
+    assert_eq!(secret["metadata"]["name"], name.as_str());
+    assert_eq!(secret["data"]["stdin"], "/wB4Cg==");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "SerfHandler");
+    let mut created = serde_json::to_value(&l.job).unwrap();
+    created["metadata"]["uid"] = json!("job-uid-8");
+    let job = expect(&mut h, Method::POST, JOBS, 201, created).await;
+    assert_eq!(
+        job["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
+        name.as_str()
+    );
+    let owner = expect(
+        &mut h,
+        Method::PATCH,
+        &format!("{SECRETS}/{name}"),
+        200,
+        json!({}),
+    )
+    .await;
+    assert_eq!(owner["metadata"]["ownerReferences"][0]["uid"], "job-uid-8");
+    assert_eq!(owner["metadata"]["ownerReferences"][0]["kind"], "Job");
+    assert_eq!(
+        task.await.unwrap(),
+        LaunchResult::Created { name: name.clone() }
+    );
+    no_more_requests(&mut h).await;
+
+    // A Job refused for good: its Secret is not left behind.
+    let task = tokio::spawn({
+        let l = l.clone();
+        async move { Launcher::new(client, fast()).launch(&l).await }
+    });
+    expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
+    expect(&mut h, Method::POST, JOBS, 422, status(422, "Invalid", "bad")).await;
+    expect(
+        &mut h,
+        Method::DELETE,
+        &format!("{SECRETS}/{name}"),
+        200,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}),
+    )
+    .await;
+    assert!(matches!(
+        task.await.unwrap(),
+        LaunchResult::Failed { code: Some(422), .. }
+    ));
+    no_more_requests(&mut h).await;
+}
+
+#[tokio::test]
+async fn conflict_means_already_launched() {
     let (client, mut h) = mock();
     let l = launch("Allow");
     let name = l.job.metadata.name.clone().unwrap();
@@ -172,28 +234,6 @@ async fn conflict_means_already_launched_and_the_secret_is_ensured() {
         status(409, "AlreadyExists", "jobs.batch exists"),
     )
     .await;
-    let mut existing = serde_json::to_value(&l.job).unwrap();
-    existing["metadata"]["uid"] = json!("job-uid-old");
-    expect(
-        &mut h,
-        Method::GET,
-        &format!("{JOBS}/{name}"),
-        200,
-        existing,
-    )
-    .await;
-    let secret = expect(
-        &mut h,
-        Method::POST,
-        SECRETS,
-        409,
-        status(409, "AlreadyExists", "exists"),
-    )
-    .await;
-    assert_eq!(
-        secret["metadata"]["ownerReferences"][0]["uid"],
-        "job-uid-old"
-    );
     assert_eq!(task.await.unwrap(), LaunchResult::AlreadyLaunched { name });
     no_more_requests(&mut h).await;
 }
@@ -227,7 +267,6 @@ async fn server_errors_are_retried_then_reported() {
     let mut created = serde_json::to_value(&l.job).unwrap();
     created["metadata"]["uid"] = json!("u");
     expect(&mut h, Method::POST, JOBS, 201, created).await;
-    expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
     assert_eq!(
         task.await.unwrap(),
         LaunchResult::Created { name: name.clone() }
@@ -301,7 +340,6 @@ async fn an_api_server_that_never_answers_is_retried_until_it_does() {
     let mut created = serde_json::to_value(&l.job).unwrap();
     created["metadata"]["uid"] = json!("u");
     expect(&mut h, Method::POST, JOBS, 201, created).await;
-    expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
     assert_eq!(task.await.unwrap(), LaunchResult::Created { name });
     drop(hung);
     no_more_requests(&mut h).await;
@@ -344,6 +382,5 @@ async fn replace_deletes_the_active_job_first() {
     let mut created = serde_json::to_value(&l.job).unwrap();
     created["metadata"]["uid"] = json!("u");
     expect(&mut h, Method::POST, JOBS, 201, created).await;
-    expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
     assert!(matches!(task.await.unwrap(), LaunchResult::Created { .. }));
 }

@@ -243,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
         sustained.saturating_sub(made)
     );
     println!(
-        "API server create rate, 8 concurrent bare POSTs: {api_rate:.0} Jobs/s (the operator makes 2 creates per Job: Job and stdin Secret)"
+        "API server create rate, 8 concurrent bare POSTs: {api_rate:.0} Jobs/s "
     );
     println!(
         "operator RSS: idle {} KiB, with 1,000 handlers {} KiB",

@@ -12,6 +12,7 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use serf_client::{ClientConfig, QueryParams};
 use serf_operator_crds::{SerfEventTrigger, SerfHandler};
+use serf_operator::jobs::stdin_bytes as stdin_of;
 use serf_operator_e2e::{
     OperatorProcess, TempNamespace, cluster_or_skip, env_of, eventually, install_crds, jobs,
 };
@@ -132,16 +133,10 @@ async fn operator_on_a_real_cluster() {
     assert_eq!(env["SERF_PAYLOAD"], "v1.2.3");
     assert_eq!(env["SERF_SELF_NAME"], "e2e-op");
     assert_eq!(env["SERF_SELF_ROLE"], "web");
+    // /serf/stdin travels in the Job itself (one create): no Secret.
+    assert_eq!(stdin_of(&job, None), b"v1.2.3\n");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let secret = eventually("stdin Secret", Duration::from_secs(10), || async {
-        secrets.get_opt(&job_name).await.unwrap()
-    })
-    .await;
-    assert_eq!(secret.data.unwrap()["stdin"].0, b"v1.2.3\n");
-    assert_eq!(
-        secret.metadata.owner_references.unwrap()[0].uid,
-        job.metadata.uid.clone().unwrap()
-    );
+    assert!(secrets.get_opt(&job_name).await.unwrap().is_none());
     assert_eq!(
         job.metadata.owner_references.as_ref().unwrap()[0].kind,
         "SerfHandler"
@@ -195,12 +190,34 @@ async fn operator_on_a_real_cluster() {
         jobs(&client, &ns, "db-failed").await.into_iter().next()
     })
     .await;
-    let stdin = secrets
-        .get(remediation.metadata.name.as_ref().unwrap())
+    let stdin = String::from_utf8(stdin_of(&remediation, None)).unwrap();
+    assert!(stdin.starts_with("e2e-db-2\t127.0.0.1\tdb\t"), "{stdin:?}");
+
+    // Bytes an annotation cannot hold: the Secret is made before the Job, then the Job owns it.
+    serf.event("deploy", &[0xff, b'b', b'i', b'n'], false)
         .await
         .unwrap();
-    let stdin = String::from_utf8(stdin.data.unwrap()["stdin"].0.clone()).unwrap();
-    assert!(stdin.starts_with("e2e-db-2\t127.0.0.1\tdb\t"), "{stdin:?}");
+    let binary = eventually("the binary deploy Job", Duration::from_secs(20), || async {
+        jobs(&client, &ns, "deploy")
+            .await
+            .into_iter()
+            .find(|j| env_of(j).contains_key("SERF_PAYLOAD_BASE64"))
+    })
+    .await;
+    let bname = binary.metadata.name.clone().unwrap();
+    let owned = eventually("the Secret owned by its Job", Duration::from_secs(20), || async {
+        let s = secrets.get_opt(&bname).await.unwrap()?;
+        let owner = s.metadata.owner_references.clone()?.into_iter().next()?;
+        (owner.kind == "Job").then_some((s, owner))
+    })
+    .await;
+    assert_eq!(owned.1.uid, binary.metadata.uid.clone().unwrap());
+    assert_eq!(stdin_of(&binary, Some(&owned.0)), b"\xffbin\n");
+    assert!(
+        owned.0.metadata.creation_timestamp.as_ref().unwrap().0
+            <= binary.metadata.creation_timestamp.as_ref().unwrap().0,
+        "the Secret exists before the Job"
+    );
 
     // A SerfEventTrigger fires its event once; the event comes back on the operator's own
     // stream and the web handler's deploy route launches a Job for it (GitOps trigger → Job).
