@@ -186,7 +186,9 @@ impl Launcher {
                 ..Default::default()
             };
             match policy
-                .run(received, "delete the replaced Job", || jobs.delete(old, &dp))
+                .run(received, "delete the replaced Job", || {
+                    jobs.delete(old, &dp)
+                })
                 .await
             {
                 Ok(_) => {

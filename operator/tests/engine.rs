@@ -626,10 +626,7 @@ spec:
     let l = launches(&o);
     let env = env_of(&l[0].job);
     assert_eq!(env["SERF_PAYLOAD_BASE64"], "/wBB");
-    assert_eq!(
-        l[0].stdin_bytes(),
-        vec![0xff, 0x00, 0x41, b'\n']
-    );
+    assert_eq!(l[0].stdin_bytes(), vec![0xff, 0x00, 0x41, b'\n']);
     let owner = &l[0].job.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
         (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),

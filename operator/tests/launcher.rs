@@ -171,7 +171,10 @@ async fn binary_stdin_gets_its_secret_before_the_job_and_then_the_job_owns_it() 
     let secret = expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
     assert_eq!(secret["metadata"]["name"], name.as_str());
     assert_eq!(secret["data"]["stdin"], "/wB4Cg==");
-    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "SerfHandler");
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["kind"],
+        "SerfHandler"
+    );
     let mut created = serde_json::to_value(&l.job).unwrap();
     created["metadata"]["uid"] = json!("job-uid-8");
     let job = expect(&mut h, Method::POST, JOBS, 201, created).await;
@@ -201,7 +204,14 @@ async fn binary_stdin_gets_its_secret_before_the_job_and_then_the_job_owns_it() 
         async move { Launcher::new(client, fast()).launch(&l).await }
     });
     expect(&mut h, Method::POST, SECRETS, 201, json!({})).await;
-    expect(&mut h, Method::POST, JOBS, 422, status(422, "Invalid", "bad")).await;
+    expect(
+        &mut h,
+        Method::POST,
+        JOBS,
+        422,
+        status(422, "Invalid", "bad"),
+    )
+    .await;
     expect(
         &mut h,
         Method::DELETE,
@@ -212,7 +222,10 @@ async fn binary_stdin_gets_its_secret_before_the_job_and_then_the_job_owns_it() 
     .await;
     assert!(matches!(
         task.await.unwrap(),
-        LaunchResult::Failed { code: Some(422), .. }
+        LaunchResult::Failed {
+            code: Some(422),
+            ..
+        }
     ));
     no_more_requests(&mut h).await;
 }

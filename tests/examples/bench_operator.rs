@@ -242,9 +242,7 @@ async fn main() -> anyhow::Result<()> {
         made as f64 / took.as_secs_f64(),
         sustained.saturating_sub(made)
     );
-    println!(
-        "API server create rate, 8 concurrent bare POSTs: {api_rate:.0} Jobs/s "
-    );
+    println!("API server create rate, 8 concurrent bare POSTs: {api_rate:.0} Jobs/s ");
     println!(
         "operator RSS: idle {} KiB, with 1,000 handlers {} KiB",
         rss_idle, rss_loaded

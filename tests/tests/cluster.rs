@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{Event as KubeEvent, Pod, Secret};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use serf_client::{ClientConfig, QueryParams};
-use serf_operator_crds::{SerfEventTrigger, SerfHandler};
 use serf_operator::jobs::stdin_bytes as stdin_of;
+use serf_operator_crds::{SerfEventTrigger, SerfHandler};
 use serf_operator_e2e::{
     OperatorProcess, TempNamespace, cluster_or_skip, env_of, eventually, install_crds, jobs,
 };
@@ -205,11 +205,15 @@ async fn operator_on_a_real_cluster() {
     })
     .await;
     let bname = binary.metadata.name.clone().unwrap();
-    let owned = eventually("the Secret owned by its Job", Duration::from_secs(20), || async {
-        let s = secrets.get_opt(&bname).await.unwrap()?;
-        let owner = s.metadata.owner_references.clone()?.into_iter().next()?;
-        (owner.kind == "Job").then_some((s, owner))
-    })
+    let owned = eventually(
+        "the Secret owned by its Job",
+        Duration::from_secs(20),
+        || async {
+            let s = secrets.get_opt(&bname).await.unwrap()?;
+            let owner = s.metadata.owner_references.clone()?.into_iter().next()?;
+            (owner.kind == "Job").then_some((s, owner))
+        },
+    )
     .await;
     assert_eq!(owned.1.uid, binary.metadata.uid.clone().unwrap());
     assert_eq!(stdin_of(&binary, Some(&owned.0)), b"\xffbin\n");

@@ -29,8 +29,10 @@ printf 'MSG=%s\n' "$MSG"
 printf 'TAG=%s\n' "$SERF_TAG_NOTE"
 printf 'NAME=%s\n' "$SERF_USER_EVENT"
 printf 'PW=%s\n' "$DB_PASSWORD"
+printf 'B64=%s\n' "$SERF_PAYLOAD_BASE64"
+printf 'HEX=%s\n' "`od -An -tx1 /serf/stdin | tr -d ' \n'`"
 printf 'STDIN='
-cat /serf/stdin"#;
+[ -n "$SERF_PAYLOAD_BASE64" ] || cat /serf/stdin"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_payloads_reach_a_real_container_unchanged() {
@@ -199,4 +201,57 @@ async fn hostile_payloads_reach_a_real_container_unchanged() {
             }
         }
     }
+
+    // Bytes an annotation cannot hold (not UTF-8, a NUL): /serf/stdin comes from a Secret
+    // made before the Job; a real container reads the exact bytes.
+    let bytes: &[u8] = &[0xff, b'$', b'(', b'X', b')', 0x00, b'z'];
+    serf.event("show-binary", bytes, false).await.unwrap();
+    let job = eventually("Job for show-binary", Duration::from_secs(30), || async {
+        jobs(&client, &ns, "show").await.into_iter().find(|j| {
+            j.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("serf.operator.io/event-name"))
+                .is_some_and(|n| n == "show-binary")
+        })
+    })
+    .await;
+    let job_name = job.metadata.name.clone().unwrap();
+    eventually(
+        &format!("Job {job_name} Complete on the node"),
+        Duration::from_secs(90),
+        || async {
+            let j = job_api.get(&job_name).await.unwrap();
+            let st = j.status.unwrap_or_default();
+            assert_eq!(st.failed.unwrap_or(0), 0, "Job {job_name} failed");
+            (st.succeeded.unwrap_or(0) >= 1).then_some(())
+        },
+    )
+    .await;
+    let pod = pods
+        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+        .unwrap();
+    let out = pods
+        .logs(&pod.metadata.name.unwrap(), &LogParams::default())
+        .await
+        .unwrap();
+    eprintln!("show-binary: container output:\n{out}");
+    let hex: String = bytes
+        .iter()
+        .chain(b"\n")
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        out.contains(&format!("HEX={hex}\n")),
+        "/serf/stdin byte for byte: {out}"
+    );
+    assert!(
+        out.contains("B64=/yQoWCkAeg==\n"),
+        "SERF_PAYLOAD_BASE64: {out}"
+    );
 }
