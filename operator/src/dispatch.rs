@@ -5,6 +5,7 @@
 //! return at once. The only awaits are on the Serf agent (answers, `members`, `stats`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use serf_client::{Event, Member, MemberStatus};
@@ -32,8 +33,9 @@ pub enum Input {
 /// Changes from the Kubernetes side, on a channel of their own (never dropped).
 #[derive(Debug)]
 pub enum Control {
-    /// The SerfHandlers changed: the whole current set.
-    Handlers(Vec<SerfHandler>),
+    /// The SerfHandlers changed: the whole current set (shared with the cache; only the
+    /// handlers whose spec changed are compiled again).
+    Handlers(Vec<Arc<SerfHandler>>),
     /// This replica became (or stopped being) the one that acts on member events. On
     /// becoming it, the membership last acted on by the previous leader.
     Leader {
@@ -230,8 +232,10 @@ impl<E: Effects> Dispatcher<E> {
     pub async fn control(&mut self, c: Control) {
         match c {
             Control::Handlers(handlers) => {
-                self.handlers = handlers.iter().map(HandlerRef::of).collect();
-                self.engine.set_handlers(&handlers);
+                self.handlers = handlers.iter().map(|h| HandlerRef::of(h)).collect();
+                let refs: Vec<&SerfHandler> = handlers.iter().map(|h| h.as_ref()).collect();
+                let compiled = self.engine.sync_handlers(&refs);
+                tracing::debug!(handlers = refs.len(), compiled, "routes updated");
                 for e in self.engine.router().errors() {
                     tracing::debug!("{e}");
                 }

@@ -68,6 +68,10 @@ struct CompiledRoute {
 
 struct CompiledHandler {
     handler: HandlerRef,
+    /// What it was compiled from: (uid, generation); a change recompiles it.
+    version: (Option<String>, Option<i64>),
+    /// Its route errors.
+    errors: Vec<RouteError>,
     role: Option<(String, Regex)>,
     self_tags: Vec<(String, String, Regex)>,
     routes: Vec<CompiledRoute>,
@@ -140,24 +144,82 @@ impl Router {
             index: HashMap::new(),
             errors: Vec::new(),
         };
-        let mut sorted: Vec<&SerfHandler> = handlers.iter().collect();
-        sorted.sort_by_key(|h| (h.metadata.namespace.clone(), h.metadata.name.clone()));
+        let refs: Vec<&SerfHandler> = handlers.iter().collect();
+        out.sync(&refs);
+        out
+    }
+
+    /// Brings the table to `handlers`: a handler whose spec changed (by UID and generation)
+    /// is compiled again, a new one compiled, a gone one dropped; the others are kept as
+    /// they are. Returns how many handlers were compiled.
+    pub fn sync(&mut self, handlers: &[&SerfHandler]) -> usize {
+        fn key(h: &SerfHandler) -> (&str, &str) {
+            (
+                h.metadata.namespace.as_deref().unwrap_or("default"),
+                h.metadata.name.as_deref().unwrap_or(""),
+            )
+        }
+        let mut sorted: Vec<&SerfHandler> = handlers.to_vec();
+        sorted.sort_by(|a, b| key(a).cmp(&key(b)));
+        // A merge of two sorted lists: the compiled table and the current set.
+        let mut old = std::mem::take(&mut self.handlers).into_iter().peekable();
+        let mut compiled = 0;
+        let mut removed = false;
         for h in sorted {
-            let compiled = out.compile(h);
-            let hi = out.handlers.len();
-            if compiled.usable {
-                for (ri, route) in compiled.routes.iter().enumerate() {
-                    for key in index_keys(&route.filter) {
-                        let slot = out.index.entry(key).or_default();
-                        if slot.last() != Some(&(hi, ri)) {
-                            slot.push((hi, ri));
-                        }
+            let k = key(h);
+            while old
+                .peek()
+                .is_some_and(|o| (o.handler.namespace.as_str(), o.handler.name.as_str()) < k)
+            {
+                old.next();
+                removed = true;
+            }
+            let version = (h.metadata.uid.as_ref(), h.metadata.generation);
+            let same = old.peek().is_some_and(|o| {
+                (o.handler.namespace.as_str(), o.handler.name.as_str()) == k
+                    && (o.version.0.as_ref(), o.version.1) == version
+                    && version.1.is_some()
+            });
+            if same {
+                if let Some(o) = old.next() {
+                    self.handlers.push(o);
+                }
+                continue;
+            }
+            if old
+                .peek()
+                .is_some_and(|o| (o.handler.namespace.as_str(), o.handler.name.as_str()) == k)
+            {
+                old.next();
+            }
+            compiled += 1;
+            self.handlers.push(Router::compile(h));
+        }
+        removed |= old.next().is_some();
+        if compiled > 0 || removed {
+            self.reindex();
+        }
+        compiled
+    }
+
+    /// Rebuilds the index and the error list from the compiled handlers (no compiling).
+    fn reindex(&mut self) {
+        self.index.clear();
+        self.errors.clear();
+        for (hi, compiled) in self.handlers.iter().enumerate() {
+            self.errors.extend(compiled.errors.iter().cloned());
+            if !compiled.usable {
+                continue;
+            }
+            for (ri, route) in compiled.routes.iter().enumerate() {
+                for key in index_keys(&route.filter) {
+                    let slot = self.index.entry(key).or_default();
+                    if slot.last() != Some(&(hi, ri)) {
+                        slot.push((hi, ri));
                     }
                 }
             }
-            out.handlers.push(compiled);
         }
-        out
     }
 
     /// The routes that could not be compiled, with the reason.
@@ -174,7 +236,7 @@ impl Router {
             .sum()
     }
 
-    fn compile(&mut self, h: &SerfHandler) -> CompiledHandler {
+    fn compile(h: &SerfHandler) -> CompiledHandler {
         let handler = HandlerRef {
             namespace: h
                 .metadata
@@ -184,8 +246,9 @@ impl Router {
             name: h.metadata.name.clone().unwrap_or_default(),
             uid: h.metadata.uid.clone(),
         };
+        let mut errors: Vec<RouteError> = Vec::new();
         let mut err = |route: &str, problem: String| {
-            self.errors.push(RouteError {
+            errors.push(RouteError {
                 handler: handler.clone(),
                 route: route.to_string(),
                 problem,
@@ -330,6 +393,8 @@ impl Router {
         }
         CompiledHandler {
             handler,
+            version: (h.metadata.uid.clone(), h.metadata.generation),
+            errors,
             role,
             self_tags,
             routes,
@@ -727,6 +792,12 @@ impl Engine {
     /// Replaces the handlers (open coalescing windows of removed routes are dropped).
     pub fn set_handlers(&mut self, handlers: &[SerfHandler]) {
         self.router = Router::new(handlers);
+    }
+
+    /// Brings the routes to `handlers`, compiling only the handlers whose spec changed
+    /// (see [`Router::sync`]); returns how many were compiled.
+    pub fn sync_handlers(&mut self, handlers: &[&SerfHandler]) -> usize {
+        self.router.sync(handlers)
     }
 
     /// The compiled handlers.

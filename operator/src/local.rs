@@ -298,7 +298,10 @@ pub fn route_once(
     );
     d.set_node(node.clone());
     futures::executor::block_on(async {
-        d.control(Control::Handlers(handlers.to_vec())).await;
+        d.control(Control::Handlers(
+            handlers.iter().cloned().map(std::sync::Arc::new).collect(),
+        ))
+        .await;
         d.input(Input::Event(event.clone(), std::time::Instant::now()))
             .await;
     });
@@ -347,7 +350,10 @@ pub async fn run_local(
         PrintEffects::new(out),
     )
     .without_catch_up();
-    d.control(Control::Handlers(handlers)).await;
+    d.control(Control::Handlers(
+        handlers.into_iter().map(std::sync::Arc::new).collect(),
+    ))
+    .await;
     for e in d.engine().router().errors() {
         tracing::warn!("{e}");
     }

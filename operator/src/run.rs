@@ -322,11 +322,7 @@ pub async fn run(
                 changed.notified().await;
                 // Let a burst of changes (the initial list) settle into one recompile.
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                let all: Vec<SerfHandler> = stores
-                    .iter()
-                    .flat_map(|s| s.state())
-                    .map(|h| (*h).clone())
-                    .collect();
+                let all: Vec<Arc<SerfHandler>> = stores.iter().flat_map(|s| s.state()).collect();
                 let present: BTreeSet<(String, String)> = all
                     .iter()
                     .map(|h| {
@@ -377,11 +373,7 @@ pub async fn run(
     // The handlers are compiled before the first event (the catch-up on connecting needs
     // them); later changes come through the control channel.
     let mut dispatcher = dispatcher;
-    let initial: Vec<SerfHandler> = handler_stores
-        .iter()
-        .flat_map(|s| s.state())
-        .map(|h| (*h).clone())
-        .collect();
+    let initial: Vec<Arc<SerfHandler>> = handler_stores.iter().flat_map(|s| s.state()).collect();
     dispatcher.control(Control::Handlers(initial)).await;
     let dispatcher = dispatcher.run(input_rx, control_rx, shutdown).await;
 

@@ -162,7 +162,11 @@ async fn queries_answered_and_no_job_lost_while_the_api_server_is_away() {
     );
     control_tx
         .send(Control::Handlers(
-            parse_handlers(HANDLERS, Path::new("h.yaml")).unwrap(),
+            parse_handlers(HANDLERS, Path::new("h.yaml"))
+                .unwrap()
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
         ))
         .await
         .unwrap();

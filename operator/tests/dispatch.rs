@@ -132,7 +132,10 @@ fn dispatcher(leader: bool, active: Box<dyn ActiveJobs + Send>) -> Dispatcher<Fa
 
 async fn with_handlers(d: &mut Dispatcher<Fake>) {
     let hs = parse_handlers(HANDLERS, Path::new("h.yaml")).unwrap();
-    d.control(Control::Handlers(hs)).await;
+    d.control(Control::Handlers(
+        hs.into_iter().map(std::sync::Arc::new).collect(),
+    ))
+    .await;
 }
 
 fn user(name: &str, ltime: u64) -> Input {
