@@ -1,7 +1,10 @@
 //! Operator benchmark against a real cluster (KUBECONFIG) and a real Serf agent. Prints, side
 //! by side: event-to-Job latency (stream arrival to the Job seen in a watch) next to a bare
 //! Job POST from the same client; sustained user events turned into Jobs (with a loss check)
-//! next to the API server's own create rate; the operator's RSS idle and with 1,000 handlers.
+//! next to the API server's own create rate; the operator's RSS idle and with 1,000 handlers;
+//! the CPU 1,000 handler updates cost next to one full compile; and a soak at a fixed event
+//! rate (SOAK_SECS, default 600, 0 skips; SOAK_RATE events/s, default 5) with its RSS growth.
+//! Each figure is printed next to its baseline from the same run, with the ratio.
 //!
 //! `cargo build --release -p serf-operator && SERF_OPERATOR_BIN=target/release/serf-operator
 //! cargo run --release -p serf-operator-e2e --example bench_operator` (EVENTS=1000 to change
@@ -35,6 +38,20 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// utime + stime of a process, in ms (100 Hz clock ticks).
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks * 10
 }
 
 fn job(name: &str) -> Job {
@@ -217,36 +234,155 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_loaded = rss_kib(pid);
+
+    // 6. 1,000 handler updates (a spec change each), next to one full compile of the same
+    //    1,000 handlers in this process (the baseline).
+    let mut specs = Vec::new();
+    for h in 0..1000 {
+        let mut v = handler.clone();
+        v["metadata"]["name"] = format!("h{h:04}").into();
+        v["metadata"]["uid"] = format!("u{h}").into();
+        v["metadata"]["generation"] = 1.into();
+        v["spec"]["routes"][0]["events"] = format!("user:never-{h}").into();
+        specs.push(serde_json::from_value::<serf_operator_crds::SerfHandler>(
+            v,
+        )?);
+    }
+    let t = Instant::now();
+    let _ = serf_operator::engine::Router::new(&specs);
+    let full_compile = t.elapsed();
+    let cpu_before = cpu_ms(pid);
+    let t = Instant::now();
+    for h in 0..1000 {
+        let mut v = handler.clone();
+        v["metadata"]["name"] = format!("h{h:04}").into();
+        v["spec"]["routes"][0]["events"] = format!("user:never-again-{h}").into();
+        hapi.patch(
+            &format!("h{h:04}"),
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&v),
+        )
+        .await?;
+    }
+    let patched = t.elapsed();
+    // Until the operator is idle again (no CPU used for a second).
+    let mut last = cpu_ms(pid);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu_ms(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let updates_cpu = last.saturating_sub(cpu_before);
+
+    // 7. Soak: a fixed event rate for SOAK_SECS (default 600; 0 skips), RSS sampled.
+    let soak_secs: u64 = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let rate: u64 = std::env::var("SOAK_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let mut soak = None;
+    if soak_secs > 0 {
+        let rss_start = rss_kib(pid);
+        let mut rss_max = rss_start;
+        let before = count_before(&seen);
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while t.elapsed() < Duration::from_secs(soak_secs) {
+            serf.event("soak", format!("{sent}").as_bytes(), false)
+                .await?;
+            sent += 1;
+            let next = Duration::from_millis(sent * 1000 / rate.max(1));
+            if let Some(wait) = next.checked_sub(t.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+            if sent.is_multiple_of(rate.max(1) * 10) {
+                rss_max = rss_max.max(rss_kib(pid));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count_before(&seen) < before + sent as usize && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let made = count_before(&seen) - before;
+        soak = Some((
+            soak_secs,
+            rate,
+            sent,
+            made,
+            rss_start,
+            rss_kib(pid),
+            rss_max,
+        ));
+    }
     let _ = op.terminate();
 
-    println!("serf-operator benchmark (real kube-apiserver and Serf agent on loopback)");
+    let (mut lat_s, mut seen_s) = (lat.clone(), post_seen.clone());
+    let (l50, l99) = (pct(&mut lat_s, 0.5), pct(&mut lat, 0.99));
+    let (b50, b99) = (pct(&mut seen_s, 0.5), pct(&mut post_seen, 0.99));
+    let op_rate = made as f64 / took.as_secs_f64();
+    println!("serf-operator benchmark (real kube-apiserver and Serf agent on loopback; one run)");
     println!(
-        "event -> Job visible in a watch (ms):  p50 {:.1}  p99 {:.1}   (n={n})",
-        pct(&mut lat.clone(), 0.5),
-        pct(&mut lat, 0.99)
+        "{:<44} {:>16} {:>26} {:>8}",
+        "", "operator", "baseline (same run)", "ratio"
     );
     println!(
-        "bare Job POST (ms):                    p50 {:.1}  p99 {:.1}",
-        pct(&mut post.clone(), 0.5),
-        pct(&mut post, 0.99)
+        "{:<44} {:>16} {:>26} {:>8}",
+        format!("latency p50, ms (n={n})"),
+        format!("{l50:.1}"),
+        format!("{b50:.1} bare POST -> watch"),
+        format!("{:.2}x", l50 / b50)
     );
     println!(
-        "bare Job POST -> visible in watch (ms): p50 {:.1}  p99 {:.1}",
-        pct(&mut post_seen.clone(), 0.5),
-        pct(&mut post_seen, 0.99)
+        "{:<44} {:>16} {:>26} {:>8}",
+        "latency p99, ms (target <= 1.5x)",
+        format!("{l99:.1}"),
+        format!("{b99:.1} bare POST -> watch"),
+        format!("{:.2}x", l99 / b99)
     );
     println!(
-        "sustained: {sustained} events fired in {:.2}s; {made} Jobs in {:.2}s = {:.0} Jobs/s; lost {}",
-        fired.as_secs_f64(),
-        took.as_secs_f64(),
-        made as f64 / took.as_secs_f64(),
-        sustained.saturating_sub(made)
+        "{:<44} {:>16} {:>26} {:>8}",
+        format!(
+            "sustained {sustained} events (fired in {:.2} s), Jobs/s",
+            fired.as_secs_f64()
+        ),
+        format!("{op_rate:.0} (lost {})", sustained.saturating_sub(made)),
+        format!("{api_rate:.0} bare creates, 8 conns"),
+        format!("{:.0}%", 100.0 * op_rate / api_rate)
     );
-    println!("API server create rate, 8 concurrent bare POSTs: {api_rate:.0} Jobs/s ");
     println!(
-        "operator RSS: idle {} KiB, with 1,000 handlers {} KiB",
-        rss_idle, rss_loaded
+        "{:<44} {:>16} {:>26} {:>8}",
+        "1,000 handler updates (target < 10x)",
+        format!("{updates_cpu} ms CPU"),
+        format!("{:.0} ms full compile", full_compile.as_secs_f64() * 1e3),
+        format!(
+            "{:.1}x",
+            updates_cpu as f64 / (full_compile.as_secs_f64() * 1e3)
+        )
     );
+    println!(
+        "  (the 1,000 patches took {:.1} s of wall time at the API server)",
+        patched.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>16} {:>26} {:>8}",
+        "RSS, KiB (target <= 40 MiB with 1,000)",
+        format!("{rss_loaded} loaded"),
+        format!("{rss_idle} idle"),
+        format!("{:.1}x", rss_loaded as f64 / rss_idle as f64)
+    );
+    if let Some((secs, rate, sent, made, start, end, max)) = soak {
+        println!(
+            "soak {secs} s at {rate} events/s: {sent} events, {made} Jobs (lost {}); RSS {start} -> {end} KiB (max {max}; growth {:+.1}%)",
+            sent.saturating_sub(made as u64),
+            100.0 * (end as f64 - start as f64) / start as f64
+        );
+    }
     println!("operator log: {}", log.display());
     Ok(())
 }
