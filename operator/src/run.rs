@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
+use kube::Client;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource};
 use serf_client::{ClientConfig, Subscription, SubscriptionConfig, SubscriptionItem};
 use serf_operator_crds::{SerfEventTrigger, SerfHandler};
 use tokio::sync::{Notify, mpsc, watch};
@@ -95,6 +95,48 @@ impl ActiveJobs for StoreActive {
     }
 }
 
+/// Keeps a local store of `K` up to date from a watch (retried with backoff), driven by a
+/// task in `set`; `changed` is notified after every change.
+fn watch_into_store<K>(
+    set: &mut JoinSet<()>,
+    api: kube::Api<K>,
+    cfg: watcher::Config,
+    changed: Option<Arc<Notify>>,
+) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    <K as kube::Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&Default::default()).to_string();
+    set.spawn(
+        // Managed fields are never read: not kept in memory.
+        reflector::reflector(
+            writer,
+            watcher(api, cfg).modify(|o| o.meta_mut().managed_fields = None),
+        )
+        .default_backoff()
+        .for_each(move |r| {
+            match r {
+                Err(e) => tracing::warn!(error = %e, kind = %kind, "watch"),
+                Ok(_) => {
+                    if let Some(n) = &changed {
+                        n.notify_one();
+                    }
+                }
+            }
+            std::future::ready(())
+        }),
+    );
+    reader
+}
+
 /// Runs the operator until `shutdown` resolves, then stops reading events, lets in-flight
 /// Job creates finish (bounded by the grace period), hands the rest over to the next start,
 /// writes status, and returns.
@@ -117,48 +159,34 @@ pub async fn run(
     } else {
         cfg.namespaces.iter().cloned().map(Some).collect()
     };
+    let mut watches = JoinSet::new();
     let handlers_changed = Arc::new(Notify::new());
     let owned_jobs =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    // One cache of each, shared: the SerfHandler controller is driven by the same watch
-    // streams that fill the dispatcher's caches (managed fields stripped).
     let mut handler_stores: Vec<Store<SerfHandler>> = Vec::new();
     let mut job_stores: Vec<Store<Job>> = Vec::new();
-    let mut streams = Vec::new();
     for ns in &scopes {
-        let (h_reader, h_writer) = reflector::store();
-        let changed = handlers_changed.clone();
-        let h_stream = reflector::reflector(
-            h_writer,
-            watcher(
-                api_in::<SerfHandler>(&client, ns),
-                watcher::Config::default(),
-            )
-            .modify(|o| o.meta_mut().managed_fields = None),
-        )
-        .default_backoff()
-        .inspect(move |ev| match ev {
-            Ok(_) => changed.notify_one(),
-            Err(e) => tracing::warn!(error = %e, kind = "SerfHandler", "watch"),
-        })
-        .applied_objects();
-        let (j_reader, j_writer) = reflector::store();
-        let j_stream = reflector::reflector(
-            j_writer,
-            watcher(api_in::<Job>(&client, ns), owned_jobs.clone())
-                .modify(|o| o.meta_mut().managed_fields = None),
-        )
-        .default_backoff()
-        .inspect(|ev| {
-            if let Err(e) = ev {
-                tracing::warn!(error = %e, kind = "Job", "watch");
-            }
-        })
-        .applied_objects();
-        handler_stores.push(h_reader.clone());
-        job_stores.push(j_reader);
-        streams.push((h_stream, h_reader, j_stream));
+        handler_stores.push(watch_into_store(
+            &mut watches,
+            api_in(&client, ns),
+            watcher::Config::default(),
+            Some(handlers_changed.clone()),
+        ));
+        job_stores.push(watch_into_store(
+            &mut watches,
+            api_in(&client, ns),
+            owned_jobs.clone(),
+            None,
+        ));
     }
+    for s in &handler_stores {
+        s.wait_until_ready().await?;
+    }
+    for s in &job_stores {
+        s.wait_until_ready().await?;
+    }
+    metrics.set_caches_ready(true);
+    tracing::info!("caches synced");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (status_tx, status_rx) = mpsc::channel::<StatusMsg>(16 * 1024);
@@ -271,27 +299,16 @@ pub async fn run(
                 let _ = stop.wait_for(|s| *s).await;
             },
         ));
-    }
-    for (h_stream, h_reader, j_stream) in streams {
         let mut stop = stop_rx.clone();
         tasks.spawn(controller::handler::run(
-            h_stream,
-            h_reader,
-            j_stream,
+            api_in::<SerfHandler>(&client, ns),
+            api_in::<Job>(&client, ns),
             handler_ctx.clone(),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },
         ));
     }
-    for s in &handler_stores {
-        s.wait_until_ready().await?;
-    }
-    for s in &job_stores {
-        s.wait_until_ready().await?;
-    }
-    metrics.set_caches_ready(true);
-    tracing::info!("caches synced");
 
     // Handler changes → the dispatcher (recompiled routes) and the state writer.
     {
@@ -401,6 +418,7 @@ pub async fn run(
     let _ = tokio::time::timeout(cfg.call_timeout, state_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), events_task).await;
     tasks.abort_all();
+    watches.abort_all();
     admin.abort();
     Ok(())
 }

@@ -14,14 +14,13 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client};
-
 use serf_operator_crds::SerfHandler;
 use tokio::sync::{mpsc, watch};
 
 use crate::effects::SharedLedger;
 use crate::engine::{DEFAULT_HISTORY_LIMIT, Router};
 use crate::error::{Error, kube_call};
-use crate::jobs::{HandlerRef, LABEL_HANDLER, LABEL_ROUTE};
+use crate::jobs::{HandlerRef, LABEL_HANDLER, LABEL_ROUTE, MANAGED_BY};
 use crate::ledger;
 use crate::state::StatusMsg;
 
@@ -196,18 +195,18 @@ pub fn error_policy(_h: Arc<SerfHandler>, err: &Error, _ctx: Arc<HandlerContext>
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs the controller on the shared watch streams of SerfHandlers (whose cache is
-/// `handlers`) and of the Jobs they own, until `shutdown`.
+/// Runs the controller over `api` (and the Jobs it owns in `jobs_api`) until `shutdown`.
 pub async fn run(
-    handlers: impl futures::Stream<Item = Result<SerfHandler, watcher::Error>> + Send + 'static,
-    cache: Store<SerfHandler>,
-    jobs: impl futures::Stream<Item = Result<Job, watcher::Error>> + Send + 'static,
+    api: Api<SerfHandler>,
+    jobs_api: Api<Job>,
     ctx: Arc<HandlerContext>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let leader = super::on_leadership_change(ctx.leader.clone());
-    Controller::for_stream(handlers, cache)
-        .owns_stream(jobs)
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    Controller::new(api, watcher::Config::default())
+        .owns(jobs_api, owned)
         .reconcile_all_on(leader)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
