@@ -9,6 +9,11 @@ use serf_client::ClientConfig;
 use serf_operator::contract::SelfNode;
 use serf_operator::{local, manifests};
 
+/// jemalloc hands memory freed after a burst (a thousand handlers synced, a storm of events)
+/// back to the system, where the system allocator keeps it.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "serf-operator",

@@ -303,6 +303,15 @@ async fn main() -> anyhow::Result<()> {
             }
             if sent.is_multiple_of(rate.max(1) * 10) {
                 rss_max = rss_max.max(rss_kib(pid));
+                // Jobs of the soak are deleted as they come (as history limits or a TTL
+                // would): what grows then is the operator, not the data it caches.
+                let _ = japi
+                    .delete_collection(
+                        &kube::api::DeleteParams::background(),
+                        &kube::api::ListParams::default()
+                            .labels("serf.operator.io/event-name=soak"),
+                    )
+                    .await;
             }
         }
         let deadline = Instant::now() + Duration::from_secs(60);
