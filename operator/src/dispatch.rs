@@ -4,7 +4,6 @@
 //! Nothing here awaits the API server: effects hand API work to tasks of their own and
 //! return at once. The only awaits are on the Serf agent (answers, `members`, `stats`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -556,12 +555,4 @@ impl SkipReason {
             _ => DropReason::Filtered,
         }
     }
-}
-
-/// Members by name, for tests.
-pub fn by_name(selected: &[(HandlerRef, Vec<Member>)]) -> BTreeMap<String, Vec<String>> {
-    selected
-        .iter()
-        .map(|(h, ms)| (h.to_string(), ms.iter().map(|m| m.name.clone()).collect()))
-        .collect()
 }

@@ -789,11 +789,6 @@ impl Engine {
         }
     }
 
-    /// Replaces the handlers (open coalescing windows of removed routes are dropped).
-    pub fn set_handlers(&mut self, handlers: &[SerfHandler]) {
-        self.router = Router::new(handlers);
-    }
-
     /// Brings the routes to `handlers`, compiling only the handlers whose spec changed
     /// (see [`Router::sync`]); returns how many were compiled.
     pub fn sync_handlers(&mut self, handlers: &[&SerfHandler]) -> usize {

@@ -111,7 +111,10 @@ impl Effects for Fake {
         *self.dropped.entry(reason).or_default() += count;
     }
     fn membership(&mut self, selected: Vec<(HandlerRef, Vec<Member>)>, _record: &Membership) {
-        self.members = serf_operator::dispatch::by_name(&selected);
+        self.members = selected
+            .iter()
+            .map(|(h, ms)| (h.to_string(), ms.iter().map(|m| m.name.clone()).collect()))
+            .collect();
     }
 }
 

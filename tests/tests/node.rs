@@ -141,47 +141,8 @@ async fn hostile_payloads_reach_a_real_container_unchanged() {
     for (name, payload) in cases {
         serf.event(name, payload.as_bytes(), false).await.unwrap();
     }
-    let job_api: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     for (name, payload) in cases {
-        let job = eventually(
-            &format!("Job for {name}"),
-            Duration::from_secs(30),
-            || async {
-                jobs(&client, &ns, "show").await.into_iter().find(|j| {
-                    j.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get("serf.operator.io/event-name"))
-                        .is_some_and(|n| n == name)
-                })
-            },
-        )
-        .await;
-        let job_name = job.metadata.name.clone().unwrap();
-        eventually(
-            &format!("Job {job_name} Complete on the node"),
-            Duration::from_secs(90),
-            || async {
-                let j = job_api.get(&job_name).await.unwrap();
-                let st = j.status.unwrap_or_default();
-                assert_eq!(st.failed.unwrap_or(0), 0, "Job {job_name} failed");
-                (st.succeeded.unwrap_or(0) >= 1).then_some(())
-            },
-        )
-        .await;
-        let pod = pods
-            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .next()
-            .unwrap();
-        let out = pods
-            .logs(&pod.metadata.name.unwrap(), &LogParams::default())
-            .await
-            .unwrap();
+        let out = output_of(&client, &ns, name).await;
         let seen: BTreeMap<&str, &str> = out.lines().filter_map(|l| l.split_once('=')).collect();
         eprintln!("{name}: container output:\n{out}");
         assert_eq!(seen["ENV"], *payload, "SERF_PAYLOAD in the container");
@@ -206,15 +167,40 @@ async fn hostile_payloads_reach_a_real_container_unchanged() {
     // made before the Job; a real container reads the exact bytes.
     let bytes: &[u8] = &[0xff, b'$', b'(', b'X', b')', 0x00, b'z'];
     serf.event("show-binary", bytes, false).await.unwrap();
-    let job = eventually("Job for show-binary", Duration::from_secs(30), || async {
-        jobs(&client, &ns, "show").await.into_iter().find(|j| {
-            j.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("serf.operator.io/event-name"))
-                .is_some_and(|n| n == "show-binary")
-        })
-    })
+    let out = output_of(&client, &ns, "show-binary").await;
+    eprintln!("show-binary: container output:\n{out}");
+    let hex: String = bytes
+        .iter()
+        .chain(b"\n")
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        out.contains(&format!("HEX={hex}\n")),
+        "/serf/stdin byte for byte: {out}"
+    );
+    assert!(
+        out.contains("B64=/yQoWCkAeg==\n"),
+        "SERF_PAYLOAD_BASE64: {out}"
+    );
+}
+
+/// Waits for the Job of user event `event` to complete on the node; its container's output.
+async fn output_of(client: &kube::Client, ns: &str, event: &str) -> String {
+    let job_api: Api<Job> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let job = eventually(
+        &format!("Job for {event}"),
+        Duration::from_secs(30),
+        || async {
+            jobs(client, ns, "show").await.into_iter().find(|j| {
+                j.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("serf.operator.io/event-name"))
+                    .is_some_and(|n| n == event)
+            })
+        },
+    )
     .await;
     let job_name = job.metadata.name.clone().unwrap();
     eventually(
@@ -236,22 +222,7 @@ async fn hostile_payloads_reach_a_real_container_unchanged() {
         .into_iter()
         .next()
         .unwrap();
-    let out = pods
-        .logs(&pod.metadata.name.unwrap(), &LogParams::default())
+    pods.logs(&pod.metadata.name.unwrap(), &LogParams::default())
         .await
-        .unwrap();
-    eprintln!("show-binary: container output:\n{out}");
-    let hex: String = bytes
-        .iter()
-        .chain(b"\n")
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert!(
-        out.contains(&format!("HEX={hex}\n")),
-        "/serf/stdin byte for byte: {out}"
-    );
-    assert!(
-        out.contains("B64=/yQoWCkAeg==\n"),
-        "SERF_PAYLOAD_BASE64: {out}"
-    );
+        .unwrap()
 }
