@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use serf_client::{Event, Member, MemberStatus};
+use serf_client::{Event, Member, MemberEventKind, MemberStatus};
 use serf_operator_crds::SerfHandler;
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -169,6 +169,9 @@ pub struct Dispatcher<E> {
     active: Box<dyn ActiveJobs + Send>,
     effects: E,
     catch_up: bool,
+    /// The agent had not joined anyone when its clock was read: read it again at the next
+    /// member-join.
+    epoch_check_pending: bool,
 }
 
 impl<E: Effects> Dispatcher<E> {
@@ -191,6 +194,7 @@ impl<E: Effects> Dispatcher<E> {
             active,
             effects,
             catch_up: true,
+            epoch_check_pending: false,
         }
     }
 
@@ -266,6 +270,7 @@ impl<E: Effects> Dispatcher<E> {
                 tracing::info!(node = %self.node.name, role = self.node.role(), "following the Serf agent");
                 self.serf = Some(c.clone());
                 self.effects.serf_link(true);
+                self.check_epoch(&c).await;
                 if self.leader && self.catch_up {
                     self.catch_up_members(&c).await;
                 }
@@ -291,12 +296,75 @@ impl<E: Effects> Dispatcher<E> {
         }
     }
 
+    /// Reads the agent's user-event clock to tell whether the whole Serf cluster restarted
+    /// (a new Lamport epoch). Only once the agent has joined another member: until then its
+    /// clock is its own, not the cluster's.
+    async fn check_epoch(&mut self, c: &serf_client::Client) {
+        let joined = match c.members().await {
+            Ok(ms) => ms
+                .iter()
+                .any(|m| m.name != self.node.name && m.status == MemberStatus::Alive),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list members for the epoch check");
+                false
+            }
+        };
+        if !joined {
+            self.epoch_check_pending = true;
+            return;
+        }
+        self.epoch_check_pending = false;
+        let event_time = match c.stats().await {
+            Ok(stats) => stats
+                .get("serf")
+                .and_then(|s| s.get("event_time"))
+                .and_then(|t| t.parse::<u64>().ok()),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the agent's clocks");
+                None
+            }
+        };
+        if let Some(t) = event_time
+            && self.engine.witness_agent_clock(t)
+        {
+            tracing::warn!(
+                event_time = t,
+                epoch = self.engine.membership().epoch,
+                "the Serf cluster's event clock is behind the newest event seen: the cluster restarted, a new Lamport epoch begins"
+            );
+            self.publish_membership();
+        }
+    }
+
+    /// Follows the operator's own node: a member-join or member-update of it carries its
+    /// current tags (`serf tags -set` on the agent), used for routing and `SERF_SELF_*`.
+    fn follow_self(&mut self, ev: &Event) {
+        let Event::Member(m) = ev else { return };
+        if !matches!(m.kind, MemberEventKind::Join | MemberEventKind::Update) {
+            return;
+        }
+        if let Some(me) = m.members.iter().find(|x| x.name == self.node.name)
+            && me.tags != self.node.tags
+        {
+            tracing::info!(node = %self.node.name, tags = ?me.tags, "this node's tags changed");
+            self.node.tags = me.tags.clone();
+        }
+    }
+
     async fn event(&mut self, ev: &Event, received: Instant, replayed: bool) {
         let member = matches!(ev, Event::Member(_));
+        self.follow_self(ev);
+        if self.epoch_check_pending
+            && matches!(ev, Event::Member(m) if m.kind == MemberEventKind::Join)
+            && let Some(c) = self.serf.clone()
+        {
+            self.check_epoch(&c).await;
+        }
         if member && !self.leader {
             tracing::debug!("not the leader: member event left to the leader");
             return;
         }
+        let epoch = self.engine.membership().epoch;
         let outcome = {
             let ctx = Context {
                 node: &self.node,
@@ -307,7 +375,15 @@ impl<E: Effects> Dispatcher<E> {
             };
             self.engine.route(ev, &ctx)
         };
+        if outcome.no_news {
+            tracing::debug!("member event changes nothing known: not routed");
+            self.effects.dropped(DropReason::Duplicate, 1);
+            return;
+        }
         self.act(outcome, received).await;
+        if !member && self.engine.membership().epoch != epoch {
+            self.publish_membership();
+        }
         if member {
             self.publish_membership();
         }
@@ -318,7 +394,11 @@ impl<E: Effects> Dispatcher<E> {
     async fn catch_up_members(&mut self, c: &serf_client::Client) {
         match c.members().await {
             Ok(current) => {
-                for ev in self.engine.membership().diff(&current) {
+                for ev in self
+                    .engine
+                    .membership()
+                    .diff(&current, crate::ledger::unix_now())
+                {
                     let ev = Event::Member(ev);
                     let key = crate::engine::describe(&ev).1;
                     let span = tracing::info_span!("event", event = %key, replayed = true);

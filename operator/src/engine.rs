@@ -603,8 +603,12 @@ impl Action {
 pub struct Outcome {
     /// The event, e.g. `user:deploy@42`.
     pub event: String,
-    /// One entry per route that took the event. Empty: no route takes this event.
+    /// One entry per route that took the event. Empty: no route takes this event, or
+    /// the event was no news.
     pub actions: Vec<Action>,
+    /// A member event that changed nothing known (every member already in that state):
+    /// not routed.
+    pub no_news: bool,
 }
 
 /// The Jobs currently active (not finished), by handler and route.
@@ -650,6 +654,30 @@ pub struct MemberRecord {
     /// The member's gossip port when last seen.
     #[serde(default)]
     pub port: u16,
+    /// When the state last changed (Unix seconds); a record from before this field counts
+    /// from when it was read.
+    #[serde(default = "crate::ledger::unix_now")]
+    pub since: i64,
+}
+
+/// How long a member that the agent no longer lists is kept before the catch-up reaps it:
+/// Serf's own defaults for reaping a failed member (`reconnect_timeout`) and forgetting a
+/// member that left (`tombstone_timeout`) are both 24 hours. Before that, an absent member
+/// is more likely unknown to a freshly started agent than reaped.
+pub const REAP_HORIZON_SECS: i64 = 24 * 3600;
+
+/// How far back of the newest user event a Serf agent still accepts one (its event buffer,
+/// 512 by default): a user event older than that cannot come from the same Lamport epoch.
+pub const EVENT_BUFFER: u64 = 512;
+
+/// What [`Membership::observe`] made of one member of a member event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// The member's state-change count.
+    pub version: u64,
+    /// The event changed what is known of the member (a join of a member already known
+    /// alive with the same tags is not news).
+    pub news: bool,
 }
 
 /// The membership the engine last acted on.
@@ -657,26 +685,46 @@ pub struct MemberRecord {
 pub struct Membership {
     /// By node name.
     pub members: BTreeMap<String, MemberRecord>,
+    /// The Serf cluster's Lamport epoch: 0 until its user-event clock is seen going back
+    /// (the whole cluster restarted), one more each time. Part of user events' and queries'
+    /// Job names from 1 on, so that `deploy@1` of a new epoch is not a duplicate of the
+    /// old one's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+    /// The newest user-event Lamport time seen in this epoch.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub event_clock: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Membership {
-    /// Records a member's new state from a member event and returns its version: unchanged
-    /// for a duplicate, one higher for a real change.
-    pub fn observe(&mut self, kind: MemberEventKind, m: &Member) -> u64 {
+    /// Records a member's new state from a member event at `now` (Unix seconds): its
+    /// version is unchanged for a duplicate and one higher for a real change.
+    pub fn observe(&mut self, kind: MemberEventKind, m: &Member, now: i64) -> Observed {
         let status = if kind == MemberEventKind::Reap {
             "reaped".to_string()
         } else {
             m.status.as_str().to_string()
         };
         match self.members.get_mut(&m.name) {
-            Some(r) if r.status == status && r.tags == m.tags => r.version,
+            Some(r) if r.status == status && r.tags == m.tags => Observed {
+                version: r.version,
+                news: false,
+            },
             Some(r) => {
                 r.version += 1;
                 r.status = status;
                 r.tags = m.tags.clone();
                 r.addr = Some(m.addr);
                 r.port = m.port;
-                r.version
+                r.since = now;
+                Observed {
+                    version: r.version,
+                    news: true,
+                }
             }
             None => {
                 self.members.insert(
@@ -687,18 +735,53 @@ impl Membership {
                         version: 1,
                         addr: Some(m.addr),
                         port: m.port,
+                        since: now,
                     },
                 );
-                1
+                Observed {
+                    version: 1,
+                    news: true,
+                }
             }
+        }
+    }
+
+    /// Takes note of a user event's Lamport time; true when it opens a new epoch: a time
+    /// further back than Serf's event buffer from the newest one seen cannot be of the same
+    /// epoch (Serf itself ignores such events).
+    pub fn witness_event(&mut self, ltime: u64) -> bool {
+        let new_epoch = ltime.saturating_add(EVENT_BUFFER) < self.event_clock;
+        if new_epoch {
+            self.epoch += 1;
+            self.event_clock = ltime;
+        } else {
+            self.event_clock = self.event_clock.max(ltime);
+        }
+        new_epoch
+    }
+
+    /// Takes note of the agent's user-event clock as read on connecting (after the agent
+    /// has joined its cluster, so that the clock is the cluster's): behind the newest
+    /// event seen, the whole cluster restarted and a new epoch began. True when it did.
+    pub fn witness_agent_clock(&mut self, event_time: u64) -> bool {
+        if event_time < self.event_clock {
+            self.epoch += 1;
+            self.event_clock = event_time;
+            true
+        } else {
+            false
         }
     }
 
     /// The member events missed while the operator was not following the agent: the
     /// difference between `current` (the agent's `members`) and the membership last acted
-    /// on, as Serf would have delivered it (one event per type). A member that is gone from
-    /// `current` was reaped meanwhile; one not known before has joined.
-    pub fn diff(&self, current: &[Member]) -> Vec<MemberEvent> {
+    /// on, as Serf would have delivered it (one event per type). A member not known before
+    /// has joined.
+    ///
+    /// A member missing from `current` is reaped only once its state is older than
+    /// [`REAP_HORIZON_SECS`] at `now`, as Serf would: a freshly started agent may not have
+    /// heard of a member that the rest of the cluster still lists as failed or left.
+    pub fn diff(&self, current: &[Member], now: i64) -> Vec<MemberEvent> {
         let mut by_kind: BTreeMap<MemberEventKind, Vec<Member>> = BTreeMap::new();
         let mut seen = std::collections::BTreeSet::new();
         for m in current {
@@ -722,7 +805,10 @@ impl Membership {
             }
         }
         for (name, r) in &self.members {
-            if r.status != "reaped" && !seen.contains(name.as_str()) {
+            if r.status != "reaped"
+                && !seen.contains(name.as_str())
+                && now.saturating_sub(r.since) >= REAP_HORIZON_SECS
+            {
                 let status = match r.status.as_str() {
                     "failed" => MemberStatus::Failed,
                     _ => MemberStatus::Left,
@@ -810,6 +896,11 @@ impl Engine {
         &self.membership
     }
 
+    /// See [`Membership::witness_agent_clock`].
+    pub fn witness_agent_clock(&mut self, event_time: u64) -> bool {
+        self.membership.witness_agent_clock(event_time)
+    }
+
     /// When the earliest coalescing window closes.
     pub fn next_deadline(&self) -> Option<SystemTime> {
         self.batches.values().map(|b| b.until).min()
@@ -817,18 +908,55 @@ impl Engine {
 
     /// Routes one event.
     pub fn route(&mut self, event: &Event, ctx: &Context<'_>) -> Outcome {
-        let (name, description) = describe(event);
-        let versions: BTreeMap<String, u64> = match event {
-            Event::Member(m) => m
-                .members
-                .iter()
-                .map(|mem| (mem.name.clone(), self.membership.observe(m.kind, mem)))
-                .collect(),
-            _ => BTreeMap::new(),
+        let now = ctx
+            .now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+        let news_only;
+        let event = match event {
+            // Only the members whose state the event changes: a restarted agent announces
+            // every member again, and a member known alive with the same tags is not news.
+            Event::Member(m) => {
+                let mut news = Vec::new();
+                for mem in &m.members {
+                    let o = self.membership.observe(m.kind, mem, now);
+                    versions.insert(mem.name.clone(), o.version);
+                    if o.news {
+                        news.push(mem.clone());
+                    }
+                }
+                if news.is_empty() {
+                    return Outcome {
+                        event: describe(event).1,
+                        actions: Vec::new(),
+                        no_news: true,
+                    };
+                }
+                news_only = Event::Member(MemberEvent {
+                    kind: m.kind,
+                    members: news,
+                });
+                &news_only
+            }
+            Event::User(u) => {
+                if self.membership.witness_event(u.ltime) {
+                    tracing::warn!(
+                        ltime = u.ltime,
+                        epoch = self.membership.epoch,
+                        "the Serf cluster's event clock went back: a new Lamport epoch"
+                    );
+                }
+                event
+            }
+            other => other,
         };
+        let epoch = self.membership.epoch;
+        let (name, description) = describe(event);
         let mut outcome = Outcome {
             event: description.clone(),
             actions: Vec::new(),
+            no_news: false,
         };
         let mut answered = false;
         let mut first_job: Option<String> = None;
@@ -962,6 +1090,7 @@ impl Engine {
                         template,
                         &event_for_route,
                         &versions,
+                        epoch,
                         ctx,
                         &description,
                         ctx.replayed,
@@ -1031,6 +1160,7 @@ impl Engine {
                 template,
                 &event,
                 &versions,
+                self.membership.epoch,
                 ctx,
                 &description,
                 batch.replayed,
@@ -1038,6 +1168,7 @@ impl Engine {
             out.push(Outcome {
                 event: description,
                 actions: vec![action],
+                no_news: false,
             });
         }
         out
@@ -1063,11 +1194,12 @@ fn launch_or_skip(
     template: &JobTemplateSpec,
     event: &Event,
     versions: &BTreeMap<String, u64>,
+    epoch: u64,
     ctx: &Context<'_>,
     description: &str,
     replayed: bool,
 ) -> Action {
-    let key = event_key(event, versions);
+    let key = event_key(event, versions, epoch);
     let key_refs: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
     let job_name = naming::job_name(&handler.name, &route.name, &key_refs);
     // The event's own Job being active is not a conflict: creating it again is a no-op.
@@ -1158,22 +1290,29 @@ pub fn describe(event: &Event) -> (String, String) {
 /// The identity of an event for Job naming: what Serf itself dedupes user events by (name,
 /// Lamport time, payload), queries by name, Lamport time and payload, and member events by
 /// type and, for each member, its name, status and state-change count (so that a flap gets
-/// a new Job and a duplicate does not).
-pub fn event_key(event: &Event, versions: &BTreeMap<String, u64>) -> Vec<Vec<u8>> {
+/// a new Job and a duplicate does not). User events and queries of a Lamport epoch after
+/// the first (see [`Membership::epoch`]) carry it too.
+pub fn event_key(event: &Event, versions: &BTreeMap<String, u64>, epoch: u64) -> Vec<Vec<u8>> {
     let digest = |p: &[u8]| Sha256::digest(p).to_vec();
+    let with_epoch = |mut key: Vec<Vec<u8>>| {
+        if epoch > 0 {
+            key.push(format!("epoch-{epoch}").into_bytes());
+        }
+        key
+    };
     match event {
-        Event::User(u) => vec![
+        Event::User(u) => with_epoch(vec![
             b"user".to_vec(),
             u.name.as_bytes().to_vec(),
             u.ltime.to_string().into_bytes(),
             digest(&u.payload),
-        ],
-        Event::Query(q) => vec![
+        ]),
+        Event::Query(q) => with_epoch(vec![
             b"query".to_vec(),
             q.name.as_bytes().to_vec(),
             q.ltime.to_string().into_bytes(),
             digest(&q.payload),
-        ],
+        ]),
         Event::Member(m) => {
             let mut key = vec![m.kind.as_str().as_bytes().to_vec()];
             let mut members: Vec<&Member> = m.members.iter().collect();

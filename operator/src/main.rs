@@ -123,15 +123,26 @@ enum Command {
         #[arg(long, env = "SERF_OPERATOR_API_TIMEOUT", default_value_t = 10)]
         api_timeout: u64,
     },
-    /// Write the Serf agent's config file: `{"rpc_auth": KEY}` from SERF_RPC_AUTH (RPC auth
-    /// has no agent flag), or `{}` without a key. Used by the Helm chart's init container.
+    /// Write the Serf agent's config file (mode 0600, replaced atomically): the secrets, which
+    /// would be readable by anyone on the host on the agent's command line, and what the
+    /// agent has no flag for. `rpc_auth` from SERF_RPC_AUTH, `encrypt_key` from
+    /// SERF_ENCRYPT_KEY (checked: base64 of 16, 24 or 32 bytes), `leave_on_terminate`.
+    /// Without keys: `{"leave_on_terminate": true}`. Used by the Helm chart's init container.
     AgentConfig {
         /// Where to write the file.
         #[arg(long)]
         out: PathBuf,
-        /// The RPC auth key (never logged).
+        /// The RPC auth key (never logged); empty: none.
         #[arg(long, env = "SERF_RPC_AUTH", hide_env_values = true)]
         rpc_auth: Option<String>,
+        /// The gossip encryption key, base64 (`serf keygen`); never logged. Pass it in the
+        /// environment, not on the command line.
+        #[arg(long, env = "SERF_ENCRYPT_KEY", hide_env_values = true)]
+        encrypt_key: Option<String>,
+        /// Whether the agent leaves the cluster gracefully on SIGTERM (its peers then see
+        /// member-leave, not member-failed).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leave_on_terminate: bool,
     },
     /// Follow a live Serf agent: route every event through SerfHandler manifests, print the
     /// results as YAML, and answer queries for `respond` routes.
@@ -232,18 +243,14 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Crds { out } => write_crds(out),
-        Command::AgentConfig { out, rpc_auth } => {
-            let cfg = match rpc_auth.filter(|k| !k.is_empty()) {
-                Some(k) => serde_json::json!({ "rpc_auth": k }),
-                None => serde_json::json!({}),
-            };
-            if let Some(dir) = out.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            std::fs::write(&out, serde_json::to_vec(&cfg)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            Ok(())
+        Command::AgentConfig {
+            out,
+            rpc_auth,
+            encrypt_key,
+            leave_on_terminate,
+        } => {
+            let cfg = agent_config(rpc_auth, encrypt_key, leave_on_terminate)?;
+            write_private(&out, &serde_json::to_vec(&cfg)?)
         }
         Command::Route {
             handlers,
@@ -306,6 +313,85 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// The agent's config: `rpc_auth` (an empty key is none, as for `run`), `encrypt_key` (a
+/// key given must be base64 of 16, 24 or 32 bytes: an agent refuses any other at start, with
+/// a less helpful message) and `leave_on_terminate`. Errors never hold a key.
+fn agent_config(
+    rpc_auth: Option<String>,
+    encrypt_key: Option<String>,
+    leave_on_terminate: bool,
+) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine as _;
+    let mut cfg = serde_json::Map::new();
+    cfg.insert("leave_on_terminate".into(), leave_on_terminate.into());
+    if let Some(k) = rpc_auth.filter(|k| !k.is_empty()) {
+        cfg.insert("rpc_auth".into(), k.into());
+    }
+    if let Some(k) = encrypt_key {
+        let k = k.trim();
+        anyhow::ensure!(
+            !k.is_empty(),
+            "the gossip encryption key (SERF_ENCRYPT_KEY) is set but empty"
+        );
+        let len = base64::engine::general_purpose::STANDARD
+            .decode(k)
+            .map_err(|_| anyhow::anyhow!("the gossip encryption key (SERF_ENCRYPT_KEY) is not base64 (make one with `serf keygen`)"))?
+            .len();
+        anyhow::ensure!(
+            matches!(len, 16 | 24 | 32),
+            "the gossip encryption key (SERF_ENCRYPT_KEY) is {len} bytes; Serf takes 16, 24 or 32 (make one with `serf keygen`)"
+        );
+        cfg.insert("encrypt_key".into(), k.into());
+    }
+    Ok(serde_json::Value::Object(cfg))
+}
+
+/// Writes `bytes` to `out` readable by its owner only: into a temporary file of the same
+/// directory, created with mode 0600 (never wider, not even for a moment), then renamed over
+/// `out`. A reader sees the old file or the new one, never a part.
+fn write_private(out: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} names no file", out.display()))?;
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    // Left by an earlier attempt that died (in a container, the same pid every time).
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", tmp.display())),
+    }
+    let written = (|| {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            opts.mode(0o600);
+        }
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 fn write_crds(out: PathBuf) -> anyhow::Result<()> {
     let files = serf_operator_crds::crd_files()?;
     if out.as_os_str() == "-" {
@@ -321,4 +407,76 @@ fn write_crds(out: PathBuf) -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    const KEY: &str = "5Ryvsc0TikrmZ36jAtWvRQ=="; // 16 bytes
+
+    fn read(path: &std::path::Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn agent_config_holds_the_keys_in_a_file_of_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("sub/agent.json");
+        let cfg = agent_config(Some("tok".into()), Some(format!(" {KEY}\n")), true).unwrap();
+        write_private(&out, &serde_json::to_vec(&cfg).unwrap()).unwrap();
+        assert_eq!(
+            read(&out),
+            serde_json::json!({"leave_on_terminate": true, "rpc_auth": "tok", "encrypt_key": KEY})
+        );
+        assert_eq!(mode(&out), 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["agent.json"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn agent_config_without_keys_has_the_settings_only() {
+        let cfg = agent_config(None, None, true).unwrap();
+        assert_eq!(cfg, serde_json::json!({"leave_on_terminate": true}));
+        let cfg = agent_config(Some(String::new()), None, false).unwrap();
+        assert_eq!(cfg, serde_json::json!({"leave_on_terminate": false}));
+    }
+
+    #[test]
+    fn a_bad_encrypt_key_is_refused_without_showing_it() {
+        for bad in ["", "  ", "not base64!", "c2hvcnQ="] {
+            let e = agent_config(None, Some(bad.to_string()), true).unwrap_err();
+            let msg = format!("{e:#}");
+            assert!(msg.contains("SERF_ENCRYPT_KEY"), "{msg}");
+            if !bad.trim().is_empty() {
+                assert!(!msg.contains(bad.trim()), "the key is in the error: {msg}");
+            }
+        }
+        for len in [24, 32] {
+            use base64::Engine as _;
+            let k = base64::engine::general_purpose::STANDARD.encode(vec![7u8; len]);
+            assert!(agent_config(None, Some(k), true).is_ok(), "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn write_private_replaces_a_wider_file_and_a_stale_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("agent.json");
+        std::fs::write(&out, "old").unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(dir.path().join(".agent.json.tmp"), "stale").unwrap();
+        write_private(&out, b"{}").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"{}");
+        assert_eq!(mode(&out), 0o600, "a new file, not the old one rewritten");
+        assert!(!dir.path().join(".agent.json.tmp").exists());
+    }
 }

@@ -282,6 +282,7 @@ async fn member_events_only_on_the_leader_and_the_membership_is_handed_on() {
             [("role".to_string(), "db".to_string())].into(),
             MemberStatus::Alive,
         ),
+        1_000,
     );
     standby
         .control(Control::Leader {
@@ -341,8 +342,7 @@ async fn member_failures_coalesce_into_one_launch_when_the_window_closes() {
     assert!(f.launches[0].1.starts_with("fix-failed-"));
     assert!(d.next_deadline().is_none());
 
-    // The same failure again is the same Job (deduplicated when created).
-    let before = d.effects().launches[0].1.clone();
+    // The same failures delivered again are no news: no window opens, nothing launches.
     d.input(member(
         MemberEventKind::Failed,
         "db-1",
@@ -357,14 +357,40 @@ async fn member_failures_coalesce_into_one_launch_when_the_window_closes() {
         MemberStatus::Failed,
     ))
     .await;
-    let due = d.next_deadline().unwrap();
-    d.flush_at(due);
+    assert!(d.next_deadline().is_none());
     let f = d.effects();
-    assert_eq!(f.launches.len(), 2);
-    assert_eq!(
-        f.launches[1].1, before,
-        "a repeated failure names the same Job"
-    );
+    assert_eq!(f.launches.len(), 1);
+    assert_eq!(f.dropped[&DropReason::Duplicate], 2);
+}
+
+/// `serf tags -set role=db` on the operator's own agent: the agent's member-update of its
+/// own node switches routing (and `SERF_SELF_*`) to the new tags, on every replica.
+#[tokio::test]
+async fn the_operators_own_node_is_followed_live() {
+    let mut d = dispatcher(false, Box::new(NoActiveJobs));
+    with_handlers(&mut d).await;
+    d.input(user("backup", 1)).await;
+    assert!(d.effects().launches.is_empty(), "role web: no backup");
+    d.input(member(
+        MemberEventKind::Update,
+        "web-1",
+        "db",
+        MemberStatus::Alive,
+    ))
+    .await;
+    assert_eq!(d.node().role(), "db");
+    d.input(user("backup", 2)).await;
+    assert_eq!(d.effects().launches.len(), 1);
+    assert!(d.effects().launches[0].1.starts_with("db-backup-"));
+    // Another node's update changes nothing here.
+    d.input(member(
+        MemberEventKind::Update,
+        "web-7",
+        "web",
+        MemberStatus::Alive,
+    ))
+    .await;
+    assert_eq!(d.node().role(), "db");
 }
 
 #[tokio::test]

@@ -11,7 +11,8 @@ use serf_client::{
 };
 use serf_operator::contract::SelfNode;
 use serf_operator::engine::{
-    Action, ActiveJobs, Context, Engine, Launch, Membership, NoActiveJobs, Outcome, SkipReason,
+    Action, ActiveJobs, Context, Engine, Launch, Membership, NoActiveJobs, Outcome, REAP_HORIZON_SECS,
+    SkipReason,
 };
 use serf_operator::jobs::HandlerRef;
 use serf_operator::manifests::{load_handlers, parse_handlers};
@@ -296,15 +297,119 @@ spec:
         vec![member("db-1", "db", MemberStatus::Alive)],
     );
     let first = name(&mut engine, &failed);
-    let duplicate = name(&mut engine, &failed);
-    assert_eq!(
-        first, duplicate,
-        "a duplicate delivery must map to the same Job"
+    let duplicate = route(&mut engine, &failed, &n);
+    assert!(
+        duplicate.no_news && duplicate.actions.is_empty(),
+        "a duplicate delivery is no news: {duplicate:?}"
     );
     let _ = name(&mut engine, &alive);
     let again = name(&mut engine, &failed);
     assert_ne!(first, again, "failed, alive, failed is a flap: a new Job");
     assert_eq!(engine.membership().members["db-1"].version, 3);
+}
+
+/// A restarted agent announces every member in one member-join: only the members whose
+/// state changed are routed, and an unchanged batch launches nothing.
+#[test]
+fn a_restarted_agent_announcing_known_members_launches_nothing() {
+    let handlers = handler(&format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: m, namespace: ops}}
+spec:
+  routes:
+    - name: joins
+      events: member-join
+{JOB}
+"#
+    ));
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let n = node("web");
+    let join = |names: &[&str]| {
+        members_event(
+            MemberEventKind::Join,
+            names
+                .iter()
+                .map(|x| member(x, "db", MemberStatus::Alive))
+                .collect(),
+        )
+    };
+    assert_eq!(launches(&route(&mut engine, &join(&["a", "b"]), &n)).len(), 1);
+    // The agent restarts and announces a, b and a new member c in one batch.
+    let o = route(&mut engine, &join(&["c", "a", "b"]), &n);
+    let l = launches(&o);
+    assert_eq!(l.len(), 1);
+    assert_eq!(o.event, "member-join:c");
+    assert_eq!(l[0].stdin_bytes(), b"c\t10.0.0.5\tdb\trole=db\n");
+    // Again, in another order: nothing is news.
+    let o = route(&mut engine, &join(&["b", "c", "a"]), &n);
+    assert!(o.no_news && o.actions.is_empty(), "{o:?}");
+    // A tag change is news for that member only.
+    let mut a2 = member("a", "db", MemberStatus::Alive);
+    a2.tags.insert("ver".into(), "2".into());
+    let o = route(
+        &mut engine,
+        &members_event(
+            MemberEventKind::Join,
+            vec![a2, member("b", "db", MemberStatus::Alive)],
+        ),
+        &n,
+    );
+    assert_eq!(o.event, "member-join:a");
+    assert_eq!(launches(&o).len(), 1);
+}
+
+/// A Serf cluster restarted as a whole starts its Lamport clocks again: `deploy@1` of the
+/// new epoch is a new Job, not a duplicate of the old `deploy@1`.
+#[test]
+fn a_new_lamport_epoch_is_kept_apart() {
+    let handlers = handler(&format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: d, namespace: ops}}
+spec:
+  routes:
+    - name: deploy
+      events: user:deploy
+{JOB}
+"#
+    ));
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let n = node("web");
+    let job = |e: &mut Engine, ltime: u64| {
+        launches(&route(e, &user("deploy", ltime, b"v1"), &n))[0]
+            .job
+            .metadata
+            .name
+            .clone()
+            .unwrap()
+    };
+    let old = job(&mut engine, 1);
+    assert_eq!(old, job(&mut engine, 1), "a redelivery is the same Job");
+    let _ = job(&mut engine, 900);
+    assert_eq!(engine.membership().epoch, 0);
+    // deploy@1 again, more than Serf's event buffer behind the newest event: a new epoch.
+    let new = job(&mut engine, 1);
+    assert_ne!(old, new);
+    assert_eq!(engine.membership().epoch, 1);
+    assert_eq!(new, job(&mut engine, 1), "and within it, a redelivery is the same Job");
+    assert_eq!(engine.membership().epoch, 1);
+
+    // Read from the agent on connecting: a clock behind the newest event seen.
+    let mut m = Membership::default();
+    assert!(!m.witness_event(40));
+    assert!(!m.witness_agent_clock(40), "the same clock: same epoch");
+    assert!(!m.witness_agent_clock(45));
+    assert!(m.witness_agent_clock(3), "behind: the cluster restarted");
+    assert_eq!((m.epoch, m.event_clock), (1, 3));
+    // The epoch is persisted with the membership.
+    let back: Membership = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+    assert_eq!(back.epoch, 1);
+    // A record from before the epoch existed reads as epoch 0.
+    let legacy: Membership = serde_json::from_str(r#"{"members":{}}"#).unwrap();
+    assert_eq!(legacy.epoch, 0);
 }
 
 #[test]
@@ -717,8 +822,10 @@ fn index_matches_a_full_scan() {
 #[test]
 fn membership_diff_recovers_missed_member_events() {
     let mut ledger = Membership::default();
+    // Everything was seen at T; the agent is asked at T + 1 hour.
+    const T: i64 = 1_800_000_000;
     let seen = |l: &mut Membership, kind, m: &Member| {
-        l.observe(kind, m);
+        l.observe(kind, m, T);
     };
     seen(
         &mut ledger,
@@ -756,29 +863,35 @@ fn membership_diff_recovers_missed_member_events() {
         member("new", "db", MemberStatus::Alive), // joined
         member("e", "db", MemberStatus::Left),    // unknown and already left: nothing
     ];
-    let diff = ledger.diff(&current);
-    let summary: Vec<(MemberEventKind, Vec<String>)> = diff
-        .iter()
-        .map(|e| (e.kind, e.members.iter().map(|m| m.name.clone()).collect()))
-        .collect();
+    let summary = |diff: &[MemberEvent]| -> Vec<(MemberEventKind, Vec<String>)> {
+        diff.iter()
+            .map(|e| (e.kind, e.members.iter().map(|m| m.name.clone()).collect()))
+            .collect()
+    };
+    let expected = vec![
+        (
+            MemberEventKind::Join,
+            vec!["d".to_string(), "new".to_string()],
+        ),
+        (MemberEventKind::Failed, vec!["b".to_string()]),
+        (MemberEventKind::Update, vec!["c".to_string()]),
+    ];
+    // "gone" is absent from the agent's list: a freshly started agent may not have heard
+    // of it yet, so it is not reaped before Serf itself would (24 hours).
+    let diff = ledger.diff(&current, T + 3600);
+    assert_eq!(summary(&diff), expected);
+    let mut later = expected.clone();
+    later.push((MemberEventKind::Reap, vec!["gone".to_string()]));
     assert_eq!(
-        summary,
-        vec![
-            (
-                MemberEventKind::Join,
-                vec!["d".to_string(), "new".to_string()]
-            ),
-            (MemberEventKind::Failed, vec!["b".to_string()]),
-            (MemberEventKind::Update, vec!["c".to_string()]),
-            (MemberEventKind::Reap, vec!["gone".to_string()]),
-        ]
+        summary(&ledger.diff(&current, T + REAP_HORIZON_SECS)),
+        later
     );
     // Routing the recovered events makes the ledger match the agent: no second diff.
     let mut engine = Engine::new(&[], ledger);
     for e in diff {
         route(&mut engine, &Event::Member(e), &node("web"));
     }
-    assert!(engine.membership().diff(&current).is_empty());
+    assert!(engine.membership().diff(&current, T + 3600).is_empty());
     // And the ledger survives a round trip through JSON (it is persisted in the cluster).
     let json = serde_json::to_string(engine.membership()).unwrap();
     let back: Membership = serde_json::from_str(&json).unwrap();
