@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
+use sha2::{Digest, Sha256};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use serf_client::Member;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -503,8 +504,8 @@ pub async fn publish_events(
                 Severity::Warning => EventType::Warning,
             },
             reason: req.reason.into(),
+            action: event_action(req.reason, &req.note),
             note: Some(req.note.chars().take(1000).collect()),
-            action: req.reason.into(),
             secondary: None,
         };
         let target = object_ref(req.kind, &req.object);
@@ -514,6 +515,17 @@ pub async fn publish_events(
             Err(_) => tracing::debug!("publishing an Event timed out"),
         }
     }
+}
+
+/// The Event's action: its reason and a digest of its note. The recorder folds Events with
+/// the same reason and action on one object into a series that keeps the first note, so
+/// with the reason alone every `JobCreated` after the first lost its Job's name. With the
+/// digest, each distinct note is an Event of its own, and the same note again (a failure
+/// that repeats) is still counted as a series.
+pub fn event_action(reason: &str, note: &str) -> String {
+    let digest = Sha256::digest(note.as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{reason}-{hex}")
 }
 
 fn object_ref(kind: &str, h: &HandlerRef) -> ObjectReference {

@@ -239,3 +239,72 @@ async fn status_is_one_server_side_apply_on_the_status_subresource() {
     );
     writer.await.unwrap().unwrap();
 }
+
+/// Each distinct note is an Event of its own (the recorder groups by reason and action, so
+/// a second `JobCreated` must not fold into the first); the same note again is a series.
+#[tokio::test]
+async fn every_job_created_is_its_own_event_and_repeats_are_a_series() {
+    use serf_operator::dispatch::Severity;
+    use serf_operator::effects::{EventReq, publish_events};
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let publisher = tokio::spawn(publish_events(
+        client,
+        "op-0".into(),
+        rx,
+        Duration::from_secs(5),
+    ));
+    let notes = [
+        "route deploy created Job web-deploy-1 for user:deploy@1",
+        "route joins created Job web-joins-2 for member-join:db-1",
+        "route deploy created Job web-deploy-1 for user:deploy@1",
+    ];
+    for note in notes {
+        tx.send(EventReq {
+            kind: "SerfHandler",
+            object: web(),
+            severity: Severity::Normal,
+            reason: "JobCreated",
+            note: note.into(),
+        })
+        .await
+        .unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .unwrap()
+            .unwrap();
+        let method = req.method().clone();
+        let body: Value =
+            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        seen.push((method, body.clone()));
+        let mut reply = body.clone();
+        if reply["metadata"]["name"].is_null() {
+            reply["metadata"]["name"] = json!("ev");
+        }
+        reply["metadata"]["namespace"] = json!("apps");
+        send.send_response(
+            Response::builder()
+                .status(if seen.len() == 3 { 200 } else { 201 })
+                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .unwrap(),
+        );
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+    assert_eq!(seen[0].0, Method::POST);
+    assert_eq!(seen[1].0, Method::POST, "a second note is a new Event");
+    assert_ne!(seen[0].1["action"], seen[1].1["action"]);
+    assert_eq!(seen[0].1["note"], notes[0]);
+    assert_eq!(seen[1].1["note"], notes[1]);
+    assert_eq!(seen[0].1["reason"], "JobCreated");
+    assert_eq!(
+        seen[2].0,
+        Method::PATCH,
+        "the same note again is a series on the first Event: {:?}",
+        seen[2].1
+    );
+}
