@@ -20,15 +20,45 @@ impl SelfNode {
     pub fn role(&self) -> &str {
         self.tags.get("role").map(String::as_str).unwrap_or("")
     }
+
+    /// Follows the node through its own member events: a member-join or member-update of
+    /// it carries its current tags (after `serf tags -set` on its agent), as Serf's own
+    /// handlers then see them. True when the tags changed.
+    pub fn follow(&mut self, event: &Event) -> bool {
+        let Event::Member(m) = event else {
+            return false;
+        };
+        if !matches!(
+            m.kind,
+            serf_client::MemberEventKind::Join | serf_client::MemberEventKind::Update
+        ) {
+            return false;
+        }
+        match m.members.iter().find(|x| x.name == self.name) {
+            Some(me) if me.tags != self.tags => {
+                self.tags = me.tags.clone();
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
-/// Serf's name for a tag's environment variable: `SERF_TAG_` and the tag name upper-cased,
-/// with every character outside `[A-Z0-9_]` replaced by `_` (`my-tag.x` → `SERF_TAG_MY_TAG_X`).
+/// Serf's name for a tag's environment variable, computed as Serf computes it: `SERF_TAG_`
+/// and the tag name upper-cased with Unicode's simple case mapping (Go's `strings.ToUpper`:
+/// `ſite` → `SITE`, `ß` unchanged), then every character outside `[A-Z0-9_]` replaced by
+/// one `_` (`my-tag.x` → `SERF_TAG_MY_TAG_X`).
 pub fn tag_env_name(tag: &str) -> String {
     let mut out = String::with_capacity(9 + tag.len());
     out.push_str("SERF_TAG_");
     for c in tag.chars() {
-        let c = c.to_ascii_uppercase();
+        // A one-character upper case is the simple mapping; a longer one (ß → SS) is a
+        // special casing that Go does not apply: the character stays, and is not ASCII.
+        let mut upper = c.to_uppercase();
+        let c = match (upper.next(), upper.next()) {
+            (Some(u), None) => u,
+            _ => c,
+        };
         out.push(
             if c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' {
                 c
@@ -38,6 +68,17 @@ pub fn tag_env_name(tag: &str) -> String {
         );
     }
     out
+}
+
+/// The `SERF_TAG_*` variables for `tags`, one per name. Tags whose names clean up to the
+/// same variable (`my-tag`, `my_tag`) give it the value of the last in name order; under
+/// Serf the winner depends on Go's random map order, here it is always the same.
+pub fn tag_env(tags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for (k, v) in tags {
+        env.insert(tag_env_name(k), v.clone());
+    }
+    env
 }
 
 /// The environment Serf gives a handler for `event` on `node`, in a stable order, plus
@@ -53,9 +94,7 @@ pub fn environment(event: &Event, node: &SelfNode) -> Vec<(String, String)> {
         ("SERF_SELF_NAME".to_string(), node.name.clone()),
         ("SERF_SELF_ROLE".to_string(), node.role().to_string()),
     ];
-    for (k, v) in &node.tags {
-        env.push((tag_env_name(k), v.clone()));
-    }
+    env.extend(tag_env(&node.tags));
     let payload = match event {
         Event::User(u) => {
             env.push(("SERF_USER_EVENT".into(), u.name.clone()));
@@ -214,6 +253,21 @@ mod tests {
         assert_eq!(tag_env_name("my-tag.x"), "SERF_TAG_MY_TAG_X");
         assert_eq!(tag_env_name("role"), "SERF_TAG_ROLE");
         assert_eq!(tag_env_name("dc_2"), "SERF_TAG_DC_2");
+        // Unicode, as Go's strings.ToUpper and Serf's sanitizer do it.
+        assert_eq!(tag_env_name("ſite"), "SERF_TAG_SITE");
+        assert_eq!(tag_env_name("ıd"), "SERF_TAG_ID");
+        assert_eq!(tag_env_name("straße"), "SERF_TAG_STRA_E");
+        assert_eq!(tag_env_name("zoné"), "SERF_TAG_ZON_");
+        assert_eq!(tag_env_name("日本"), "SERF_TAG___");
+        // Colliding names: one variable, the last tag in name order.
+        let tags: BTreeMap<String, String> =
+            [("my-tag", "dash"), ("my_tag", "under"), ("MY.TAG", "dot")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let env = tag_env(&tags);
+        assert_eq!(env.len(), 1);
+        assert_eq!(env["SERF_TAG_MY_TAG"], "under");
     }
 
     #[test]

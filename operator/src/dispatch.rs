@@ -336,18 +336,11 @@ impl<E: Effects> Dispatcher<E> {
         }
     }
 
-    /// Follows the operator's own node: a member-join or member-update of it carries its
-    /// current tags (`serf tags -set` on the agent), used for routing and `SERF_SELF_*`.
+    /// Follows the operator's own node (see [`SelfNode::follow`]): routing and
+    /// `SERF_SELF_*` use its tags as they are now.
     fn follow_self(&mut self, ev: &Event) {
-        let Event::Member(m) = ev else { return };
-        if !matches!(m.kind, MemberEventKind::Join | MemberEventKind::Update) {
-            return;
-        }
-        if let Some(me) = m.members.iter().find(|x| x.name == self.node.name)
-            && me.tags != self.node.tags
-        {
-            tracing::info!(node = %self.node.name, tags = ?me.tags, "this node's tags changed");
-            self.node.tags = me.tags.clone();
+        if self.node.follow(ev) {
+            tracing::info!(node = %self.node.name, role = self.node.role(), tags = ?self.node.tags, "this node's tags changed");
         }
     }
 
