@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
-use sha2::{Digest, Sha256};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use serf_client::Member;
+use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;

@@ -103,6 +103,50 @@ fn parse_member(spec: &str, status: MemberStatus) -> Result<Member, EventSpecErr
     Ok(Member::new(name, addr, port, tags, status))
 }
 
+/// Parses one `TAG=VALUE` (the value may hold anything, `,` and `=` included).
+///
+/// # Errors
+/// No `=`, or an empty tag name.
+pub fn parse_tag(kv: &str) -> Result<(String, String), EventSpecError> {
+    match kv.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(EventSpecError(format!("tag {kv:?}: expected TAG=VALUE"))),
+    }
+}
+
+/// Applies `--member-tag MEMBER TAG=VALUE` pairs (a flat list) to the members of a member
+/// event.
+///
+/// # Errors
+/// A member not in the event, a malformed tag, or tags given for an event without members.
+pub fn set_member_tags(event: &mut Event, pairs: &[String]) -> Result<(), EventSpecError> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let Event::Member(m) = event else {
+        return Err(EventSpecError(
+            "--member-tag is for member events (with --members)".into(),
+        ));
+    };
+    for pair in pairs.chunks(2) {
+        let [name, kv] = pair else {
+            return Err(EventSpecError(
+                "--member-tag takes two values: MEMBER TAG=VALUE".into(),
+            ));
+        };
+        let (k, v) = parse_tag(kv)?;
+        let member = m
+            .members
+            .iter_mut()
+            .find(|x| &x.name == name)
+            .ok_or_else(|| {
+                EventSpecError(format!("--member-tag {name}: no such member in --members"))
+            })?;
+        member.tags.insert(k, v);
+    }
+    Ok(())
+}
+
 /// Parses `k=v,k=v`.
 ///
 /// # Errors

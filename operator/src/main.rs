@@ -43,21 +43,40 @@ enum Command {
         /// member-update or member-reap.
         #[arg(long)]
         event: String,
-        /// The payload of a user event or query.
-        #[arg(long, default_value = "")]
-        payload: String,
+        /// The payload of a user event or query, as text (it may start with `-`).
+        #[arg(long, allow_hyphen_values = true, group = "payload_source")]
+        payload: Option<String>,
+        /// The payload's exact bytes from a file (`-`: standard input): any bytes, NUL and
+        /// invalid UTF-8 included.
+        #[arg(long, value_name = "PATH", group = "payload_source")]
+        payload_file: Option<PathBuf>,
+        /// The payload's exact bytes, base64-encoded.
+        #[arg(long, value_name = "BASE64", group = "payload_source")]
+        payload_base64: Option<String>,
         /// The Lamport time of a user event or query.
         #[arg(long, default_value_t = 1)]
         ltime: u64,
         /// A member of a member event: NAME=ADDR[:PORT][,TAG=VALUE...]; repeat for several.
         #[arg(long = "members")]
         members: Vec<String>,
+        /// One tag of a member given with --members, any value (commas and `=` included):
+        /// `--member-tag NAME TAG=VALUE`; repeat for several.
+        #[arg(long = "member-tag", num_args = 2, value_names = ["MEMBER", "TAG=VALUE"], allow_hyphen_values = true)]
+        member_tags: Vec<String>,
         /// The operator node's name (SERF_SELF_NAME).
         #[arg(long, default_value = "local")]
         self_name: String,
         /// The operator node's tags: role=web,dc=eu.
         #[arg(long, default_value = "")]
         self_tags: String,
+        /// One tag of the operator node, any value (commas included): TAG=VALUE; repeat
+        /// for several.
+        #[arg(
+            long = "self-tag",
+            value_name = "TAG=VALUE",
+            allow_hyphen_values = true
+        )]
+        self_tag: Vec<String>,
     },
     /// Run the operator on Kubernetes: follow the Serf agent, create Jobs for SerfHandlers,
     /// answer queries, write status. Uses the kubeconfig, or the in-cluster config.
@@ -256,17 +275,45 @@ fn main() -> anyhow::Result<()> {
             handlers,
             event,
             payload,
+            payload_file,
+            payload_base64,
             ltime,
             members,
+            member_tags,
             self_name,
             self_tags,
+            self_tag,
         } => {
             let handlers = manifests::load_handlers(&handlers)?;
+            let mut tags = local::parse_tags(&self_tags)?;
+            for kv in &self_tag {
+                let (k, v) = local::parse_tag(kv)?;
+                tags.insert(k, v);
+            }
             let node = SelfNode {
                 name: self_name,
-                tags: local::parse_tags(&self_tags)?,
+                tags,
             };
-            let event = local::event_from_args(&event, payload.as_bytes(), ltime, &members)?;
+            let payload: Vec<u8> = match (payload, payload_file, payload_base64) {
+                (Some(text), _, _) => text.into_bytes(),
+                (_, Some(path), _) if path.as_os_str() == "-" => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                        .context("reading the payload from standard input")?;
+                    buf
+                }
+                (_, Some(path), _) => std::fs::read(&path)
+                    .with_context(|| format!("reading the payload from {}", path.display()))?,
+                (_, _, Some(b64)) => {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64.trim())
+                        .map_err(|e| anyhow::anyhow!("--payload-base64: not base64: {e}"))?
+                }
+                (None, None, None) => Vec::new(),
+            };
+            let mut event = local::event_from_args(&event, &payload, ltime, &members)?;
+            local::set_member_tags(&mut event, &member_tags)?;
             let (text, errors) = local::route_once(&handlers, &node, &event)?;
             for e in errors {
                 eprintln!("warning: {e}");

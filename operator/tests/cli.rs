@@ -246,3 +246,136 @@ async fn local_mode_follows_a_live_agent() {
     );
     wait_for("answer: local-web in serf-system");
 }
+
+/// `route` can express every event: a payload with any bytes (from a file or base64), a
+/// payload starting with `-`, and tag values holding commas.
+#[test]
+fn route_takes_any_payload_and_any_tag() {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Secret;
+    let ex = examples();
+    let ex = ex.to_str().unwrap();
+    let docs = |out: &str| -> Vec<serde_yaml::Value> {
+        serde_yaml::Deserializer::from_str(out)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect()
+    };
+    let env = |job: &Job, name: &str| -> Option<String> {
+        job.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    let deploy = |payload_args: &[&str]| {
+        let mut args = vec![
+            "route",
+            "--handlers",
+            ex,
+            "--event",
+            "user:deploy",
+            "--self-tag",
+            "role=web",
+        ];
+        args.extend_from_slice(payload_args);
+        let (ok, out, err) = run(&args);
+        assert!(ok, "{args:?}: {err}");
+        let d = docs(&out);
+        let job: Job = serde_yaml::from_value(d[1].clone()).unwrap();
+        let secret: Option<Secret> = d.get(2).map(|s| serde_yaml::from_value(s.clone()).unwrap());
+        (job, secret)
+    };
+    // Binary bytes, NUL included: from base64 and from a file, the same Job.
+    let (job, secret) = deploy(&["--payload-base64", "/wD+eg=="]);
+    assert_eq!(
+        env(&job, "SERF_PAYLOAD_BASE64").as_deref(),
+        Some("/wD+eg==")
+    );
+    assert_eq!(
+        serf_operator::jobs::stdin_bytes(&job, secret.as_ref()),
+        b"\xff\x00\xfez\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("payload");
+    std::fs::write(&file, b"\xff\x00\xfez").unwrap();
+    let (from_file, _) = deploy(&["--payload-file", file.to_str().unwrap()]);
+    assert_eq!(from_file.metadata.name, job.metadata.name);
+    // A payload that looks like a flag.
+    let (job, _) = deploy(&["--payload", "-rf"]);
+    assert_eq!(env(&job, "SERF_PAYLOAD").as_deref(), Some("-rf"));
+    assert_eq!(env(&job, "SERF_SELF_ROLE").as_deref(), Some("web"));
+
+    // A member's tag value with commas and `=`, and the operator's own such tag.
+    let (ok, out, err) = run(&[
+        "route",
+        "--handlers",
+        ex,
+        "--event",
+        "member-join",
+        "--members",
+        "db-1=10.0.0.5,role=db",
+        "--member-tag",
+        "db-1",
+        "note=a,b=c",
+        "--self-tag",
+        "role=web",
+        "--self-tag",
+        "zones=eu-1,eu-2",
+    ]);
+    assert!(ok, "{err}");
+    let job: Job = serde_yaml::from_value(docs(&out)[1].clone()).unwrap();
+    assert_eq!(
+        serf_operator::jobs::stdin_bytes(&job, None),
+        b"db-1\t10.0.0.5\tdb\tnote=a,b=c,role=db\n"
+    );
+    assert_eq!(env(&job, "SERF_TAG_ZONES").as_deref(), Some("eu-1,eu-2"));
+
+    // Mistakes are named.
+    let (ok, _, err) = run(&[
+        "route",
+        "--handlers",
+        ex,
+        "--event",
+        "user:x",
+        "--payload",
+        "a",
+        "--payload-base64",
+        "YQ==",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (ok, _, err) = run(&[
+        "route",
+        "--handlers",
+        ex,
+        "--event",
+        "user:x",
+        "--payload-base64",
+        "!!",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--payload-base64: not base64"), "{err}");
+    let (ok, _, err) = run(&[
+        "route",
+        "--handlers",
+        ex,
+        "--event",
+        "member-join",
+        "--members",
+        "a=10.0.0.1",
+        "--member-tag",
+        "b",
+        "x=y",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--member-tag b: no such member"), "{err}");
+}

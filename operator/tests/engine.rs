@@ -11,8 +11,8 @@ use serf_client::{
 };
 use serf_operator::contract::SelfNode;
 use serf_operator::engine::{
-    Action, ActiveJobs, Context, Engine, Launch, Membership, NoActiveJobs, Outcome, REAP_HORIZON_SECS,
-    SkipReason,
+    Action, ActiveJobs, Context, Engine, Launch, Membership, NoActiveJobs, Outcome,
+    REAP_HORIZON_SECS, SkipReason,
 };
 use serf_operator::jobs::HandlerRef;
 use serf_operator::manifests::{load_handlers, parse_handlers};
@@ -335,7 +335,10 @@ spec:
                 .collect(),
         )
     };
-    assert_eq!(launches(&route(&mut engine, &join(&["a", "b"]), &n)).len(), 1);
+    assert_eq!(
+        launches(&route(&mut engine, &join(&["a", "b"]), &n)).len(),
+        1
+    );
     // The agent restarts and announces a, b and a new member c in one batch.
     let o = route(&mut engine, &join(&["c", "a", "b"]), &n);
     let l = launches(&o);
@@ -394,7 +397,11 @@ spec:
     let new = job(&mut engine, 1);
     assert_ne!(old, new);
     assert_eq!(engine.membership().epoch, 1);
-    assert_eq!(new, job(&mut engine, 1), "and within it, a redelivery is the same Job");
+    assert_eq!(
+        new,
+        job(&mut engine, 1),
+        "and within it, a redelivery is the same Job"
+    );
     assert_eq!(engine.membership().epoch, 1);
 
     // Read from the agent on connecting: a clock behind the newest event seen.
