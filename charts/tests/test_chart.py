@@ -1,11 +1,15 @@
 """The Helm chart, rendered and linted with the real Helm engine (helm-python-sdk): the
-objects, RBAC verbs (no wildcards), probes, the sidecar's flags, and, when KUBECONFIG is set,
-`kubectl apply --dry-run=server` of the rendered manifests."""
+objects, RBAC verbs (no wildcards), probes, the sidecar's flags, no key on any command line,
+the values the schema refuses, the probe and preStop commands run against real `serf agent`
+processes, and, when KUBECONFIG is set, `kubectl apply --dry-run=server` of the rendered
+manifests."""
 
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
+import time
 
 import helm_python
 import pytest
@@ -25,6 +29,30 @@ FULL = {
     },
     "metrics": {"port": 9090, "serviceMonitor": {"enabled": True, "interval": "15s"}},
 }
+
+# A bare node: the node's network, the agent on its loopback, RPC on another port.
+HOST = {
+    "hostNetwork": True,
+    "terminationGracePeriodSeconds": 60,
+    "serf": {
+        "join": ["127.0.0.1:17946"],
+        "retryInterval": "2s",
+        "retryMax": 10,
+        "bindAddr": "127.0.0.1",
+        "bindPort": 7950,
+        "advertiseAddr": "127.0.0.1",
+        "rpcPort": 9373,
+        "leaveDelaySeconds": 3,
+        "extraArgs": ["-log-level=debug", "-profile=local"],
+        "encryptKeySecret": {"name": "serf-keys"},
+        "rpcAuthSecret": {"name": "serf-rpc"},
+    },
+    "operator": {"extraEnv": [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                              {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}]},
+    "metrics": {"port": 9081},
+}
+
+CONFIG = "/serf-config/agent.json"
 
 
 def render(values):
@@ -49,8 +77,18 @@ def env(c):
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
 
+def commands(c):
+    """Every command line a container runs: command + args, the probes' and hooks' exec."""
+    out = [c.get("command", []) + c.get("args", [])]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        out.append(c.get(probe, {}).get("exec", {}).get("command", []))
+    for hook in ("preStop", "postStart"):
+        out.append(c.get("lifecycle", {}).get(hook, {}).get("exec", {}).get("command", []))
+    return [x for x in out if x]
+
+
 def test_lint_is_clean():
-    for values in ({}, FULL):
+    for values in ({}, FULL, HOST):
         report = helm_python.lint(str(CHART), values, strict=True)
         errors = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
         assert not errors, errors
@@ -80,9 +118,16 @@ def test_default_values():
     assert agent["command"] == ["serf", "agent"]
     assert "-node=$(POD_NAME)" in agent["args"]
     assert "-config-file=/serf-config/agent.json" in agent["args"]
-    assert not any(a.startswith(("-encrypt", "-join")) for a in agent["args"])
-    assert cs["agent-config"]["args"] == ["agent-config", "--out", "/serf-config/agent.json"]
+    assert "-rpc-addr=127.0.0.1:7373" in agent["args"]
+    assert "-bind=0.0.0.0:7946" in agent["args"] and "-advertise=$(POD_IP):7946" in agent["args"]
+    assert not any(a.startswith(("-encrypt", "-join", "-retry")) for a in agent["args"])
+    # Without join addresses the agent is alone by design: Ready when it answers on RPC.
+    assert agent["readinessProbe"]["exec"]["command"] == ["serf", "info", "-rpc-addr=127.0.0.1:7373"]
+    assert cs["agent-config"]["args"] == ["agent-config", "--out", CONFIG, "--leave-on-terminate=true"]
     assert "env" not in cs["agent-config"]
+    assert "SERF_RPC_AUTH" not in env(agent) and "SERF_ENCRYPT_KEY" not in env(agent)
+    assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+    assert pod["terminationGracePeriodSeconds"] == 45
 
 
 def test_rbac_is_least_privilege():
@@ -115,12 +160,19 @@ def test_full_values():
     assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
     cs, _ = containers(docs)
     agent = cs["serf-agent"]
-    for flag in ["-tag=role=web", "-tag=dc=eu-west", "-join=10.1.2.3:7946",
-                 "-join=serf.example:7946", "-encrypt=$(SERF_ENCRYPT_KEY)"]:
+    for flag in ["-tag=role=web", "-tag=dc=eu-west", "-retry-join=10.1.2.3:7946",
+                 "-retry-join=serf.example:7946", "-retry-interval=5s", "-retry-max=0"]:
         assert flag in agent["args"], flag
-    assert env(agent)["SERF_ENCRYPT_KEY"] == {"secretKeyRef": {"name": "serf-keys", "key": "gossip"}}
+    # -join makes the agent exit when no address answers at start (a crash loop)
+    assert not any(a.startswith(("-join", "-encrypt")) for a in agent["args"])
     token = {"secretKeyRef": {"name": "serf-rpc", "key": "token"}}
-    assert env(cs["agent-config"])["SERF_RPC_AUTH"] == token
+    gossip = {"secretKeyRef": {"name": "serf-keys", "key": "gossip"}}
+    assert env(cs["agent-config"]) == {"SERF_RPC_AUTH": token, "SERF_ENCRYPT_KEY": gossip}
+    # the agent's own `serf` commands (probe, preStop) read the RPC key from the environment
+    assert env(agent)["SERF_RPC_AUTH"] == token and "SERF_ENCRYPT_KEY" not in env(agent)
+    # Joined: Ready once a member other than the agent itself is alive.
+    probe = agent["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["sh", "-c"] and "serf members -rpc-addr=127.0.0.1:7373 -status=alive" in probe[2]
     op = env(cs["operator"])
     assert op["SERF_RPC_AUTH"] == token
     assert op["SERF_OPERATOR_LEADER_ELECT"] == "true"
@@ -128,11 +180,174 @@ def test_full_values():
     assert op["SERF_OPERATOR_METRICS_ADDR"] == "0.0.0.0:9090"
 
 
-def test_schema_refuses_bad_values():
+def test_no_key_on_any_command_line():
+    """The gossip key reaches the agent through its config file, written by the init
+    container from the Secret; no command line (readable by anyone on the node through the
+    process list) holds a key or a reference to one."""
+    for values in (FULL, HOST):
+        cs, pod = containers(render(values))
+        for name, c in cs.items():
+            for cmd in commands(c):
+                line = " ".join(cmd)
+                for word in ("encrypt", "ENCRYPT", "rpc-auth", "RPC_AUTH", "$(SERF_"):
+                    assert word not in line, (name, line)
+            if name != "agent-config":
+                assert "SERF_ENCRYPT_KEY" not in env(c), name
+        assert "SERF_ENCRYPT_KEY" in env(cs["agent-config"])
+
+
+def test_agent_config_file_is_private():
+    """The file holding the keys: written by `agent-config` (mode 0600, the Rust tests check
+    it) at the path the agent reads, on a memory-backed volume the agent mounts read-only;
+    every container runs as uid 65532, so the agent, as the file's owner, can read it."""
+    cs, pod = containers(render(FULL))
+    assert cs["agent-config"]["args"][:3] == ["agent-config", "--out", CONFIG]
+    assert f"-config-file={CONFIG}" in cs["serf-agent"]["args"]
+    vol = [v for v in pod["volumes"] if v["name"] == "serf-config"][0]
+    assert vol["emptyDir"]["medium"] == "Memory"
+    mounts = {m["name"]: m for m in cs["serf-agent"]["volumeMounts"]}
+    assert mounts["serf-config"]["readOnly"] is True
+    assert "serf-config" not in {m["name"] for m in cs["operator"].get("volumeMounts", [])}
+    assert pod["securityContext"]["runAsUser"] == 65532
+    for c in cs.values():
+        assert "runAsUser" not in c["securityContext"], c["name"]
+
+
+def test_graceful_leave_at_termination():
+    """An operator pod that goes away leaves the Serf cluster (its peers see member-leave,
+    not member-failed): leave_on_terminate in the agent's config, and a preStop that leaves
+    after the operator (SIGTERM at once) has stopped reading events."""
+    for values, port, delay, grace in ((FULL, 7373, 2, 45), (HOST, 9373, 3, 60)):
+        cs, pod = containers(render(values))
+        assert "--leave-on-terminate=true" in cs["agent-config"]["args"]
+        pre = cs["serf-agent"]["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre == ["sh", "-c", f"sleep {delay}; exec serf leave -rpc-addr=127.0.0.1:{port}"]
+        assert "lifecycle" not in cs["operator"]
+        assert pod["terminationGracePeriodSeconds"] == grace
+
+
+def test_bare_node_values():
+    docs = render(HOST)
+    cs, pod = containers(docs)
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    args = cs["serf-agent"]["args"]
+    for flag in ["-bind=127.0.0.1:7950", "-advertise=127.0.0.1:7950", "-rpc-addr=127.0.0.1:9373",
+                 "-retry-join=127.0.0.1:17946", "-retry-interval=2s", "-retry-max=10",
+                 "-log-level=debug", "-profile=local"]:
+        assert flag in args, flag
+    ports = {p["name"]: p["containerPort"] for p in cs["serf-agent"]["ports"]}
+    assert ports == {"gossip-tcp": 7950, "gossip-udp": 7950}
+    op = env(cs["operator"])
+    assert op["SERF_RPC_ADDR"] == "127.0.0.1:9373"
+    assert op["SERF_OPERATOR_METRICS_ADDR"] == "0.0.0.0:9081"
+    assert op["KUBERNETES_SERVICE_HOST"] == "127.0.0.1" and op["KUBERNETES_SERVICE_PORT"] == "6443"
+    # The RPC port is one value: the default port appears nowhere.
+    dep = yaml.safe_dump(by_kind(docs, "Deployment")[0])
+    assert "7373" not in dep
+    assert dep.count("127.0.0.1:9373") == 4  # agent flag, probe, preStop, operator env
+
+
+def test_advertise_address_and_readiness_choice():
+    def agent(serf):
+        cs, _ = containers(render({"serf": serf}))
+        return cs["serf-agent"]
+    assert "-advertise=10.9.8.7:7946" in agent({"advertiseAddr": "10.9.8.7"})["args"]
+    assert "-advertise=node.example:30946" in agent({"advertiseAddr": "node.example:30946"})["args"]
+    assert "-advertise=[fd00::1]:7946" in agent({"advertiseAddr": "[fd00::1]"})["args"]
+    probe = agent({"join": ["10.0.0.1:7946"], "readyWithoutPeers": True})["readinessProbe"]
+    assert probe["exec"]["command"] == ["serf", "info", "-rpc-addr=127.0.0.1:7373"]
+
+
+@pytest.mark.parametrize("values", [
+    {"replicas": 0},
+    {"operator": {"logFormat": "xml"}},
+    {"hostNetwork": "yes"},
+    {"terminationGracePeriodSeconds": 0},
+    {"serf": {"rpcPort": 0}},
+    {"serf": {"rpcPort": 70000}},
+    {"serf": {"rpcPort": "7373"}},
+    {"serf": {"bindAddr": "0.0.0.0:7946"}},
+    {"serf": {"bindAddr": ""}},
+    {"serf": {"advertiseAddr": "a b"}},
+    {"serf": {"advertiseAddr": "fd00::1"}},
+    {"serf": {"retryInterval": "5"}},
+    {"serf": {"retryMax": -1}},
+    {"serf": {"readyWithoutPeers": "no"}},
+    {"serf": {"leaveDelaySeconds": -1}},
+    {"serf": {"extraArgs": ["-encrypt=c2VjcmV0c2VjcmV0c2VjcmV0MQ=="]}},
+    {"serf": {"extraArgs": ["--encrypt", "x"]}},
+    {"operator": {"extraEnv": [{"value": "no name"}]}},
+    # checks of the template: ports that collide in the pod's network, a grace period too
+    # short for the delay and the leave
+    {"serf": {"rpcPort": 7946}},
+    {"metrics": {"port": 7373}},
+    {"terminationGracePeriodSeconds": 10},
+    {"serf": {"leaveDelaySeconds": 40}},
+])
+def test_schema_refuses_bad_values(values):
     with pytest.raises(helm_python.HelmError):
-        render({"replicas": 0})
-    with pytest.raises(helm_python.HelmError):
-        render({"operator": {"logFormat": "xml"}})
+        render(values)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(cmd, **kw):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERF_RPC_")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env, **kw)
+
+
+@pytest.mark.skipif(not shutil.which("serf") or not shutil.which("sh"),
+                    reason="needs the serf binary")
+def test_probe_and_prestop_against_real_agents(tmp_path):
+    """The rendered readiness probe fails while the agent is alone and passes once it has
+    joined; the rendered preStop makes it leave: its peer sees it `left`, not `failed`."""
+    rpc, bind, peer_rpc, peer_bind = (free_port() for _ in range(4))
+    values = {"serf": {"join": [f"127.0.0.1:{peer_bind}"], "rpcPort": rpc,
+                       "leaveDelaySeconds": 0}}
+    cs, _ = containers(render(values))
+    agent = cs["serf-agent"]
+    probe = agent["readinessProbe"]["exec"]["command"]
+    pre_stop = agent["lifecycle"]["preStop"]["exec"]["command"]
+    # The sidecar's own flags, with the pod's fields filled in as Kubernetes would.
+    args = [a.replace("$(POD_NAME)", "op-pod").replace("$(POD_IP)", "127.0.0.1")
+             .replace("0.0.0.0:", "127.0.0.1:").replace(":7946", f":{bind}")
+            for a in agent["args"] if not a.startswith("-config-file")]
+    config = tmp_path / "agent.json"
+    config.write_text('{"leave_on_terminate": true}')
+    args.append(f"-config-file={config}")
+    procs = []
+    try:
+        procs.append(subprocess.Popen(agent["command"] + args, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.STDOUT))
+        until(lambda: sh(["serf", "info", f"-rpc-addr=127.0.0.1:{rpc}"]).returncode == 0)
+        assert sh(probe).returncode != 0, "Ready while alone"
+        procs.append(subprocess.Popen(
+            ["serf", "agent", "-node=peer", f"-bind=127.0.0.1:{peer_bind}",
+             f"-rpc-addr=127.0.0.1:{peer_rpc}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        # -retry-join (interval 5s) reaches the peer once it is up
+        until(lambda: sh(probe).returncode == 0, within=20)
+        r = sh(pre_stop)
+        assert r.returncode == 0, r.stdout + r.stderr
+        members = lambda: sh(["serf", "members", f"-rpc-addr=127.0.0.1:{peer_rpc}"]).stdout
+        until(lambda: "op-pod" in members() and " left" in members())
+        assert " failed" not in members()
+        procs[0].wait(timeout=10)  # the agent exits after leaving
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def until(cond, within=10.0):
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
 
 
 def test_the_chart_carries_both_crds():
@@ -147,7 +362,7 @@ def test_the_chart_carries_both_crds():
                     reason="needs a real cluster (KUBECONFIG) and kubectl")
 def test_server_dry_run(tmp_path):
     kubectl = shutil.which("kubectl")
-    for i, values in enumerate(({}, FULL)):
+    for i, values in enumerate(({}, FULL, HOST)):
         f = tmp_path / f"r{i}.yaml"
         f.write_text("\n---\n".join(yaml.safe_dump(d) for d in render(values)
                                       if d["kind"] != "ServiceMonitor"))

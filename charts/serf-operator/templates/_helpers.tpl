@@ -19,6 +19,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{/* The agent's RPC address: loopback of the pod (of the node with hostNetwork). */}}
+{{- define "serf-operator.rpcAddr" -}}
+127.0.0.1:{{ .Values.serf.rpcPort }}
+{{- end -}}
+
+{{/* The address other members reach the agent at: serf.advertiseAddr (host, or host:port),
+or the pod's IP; the port is serf.bindPort unless given. */}}
+{{- define "serf-operator.advertise" -}}
+{{- $a := .Values.serf.advertiseAddr | default "$(POD_IP)" -}}
+{{- if regexMatch ":[0-9]+$" $a -}}
+{{ $a }}
+{{- else -}}
+{{ $a }}:{{ .Values.serf.bindPort }}
+{{- end -}}
+{{- end -}}
+
 {{/* Rules for SerfHandlers, SerfEventTriggers and what the operator creates for them. */}}
 {{- define "serf-operator.rules" -}}
 - apiGroups: ["serf.operator.io"]
