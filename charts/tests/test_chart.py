@@ -362,11 +362,21 @@ def test_the_chart_carries_both_crds():
                     reason="needs a real cluster (KUBECONFIG) and kubectl")
 def test_server_dry_run(tmp_path):
     kubectl = shutil.which("kubectl")
-    for i, values in enumerate(({}, FULL, HOST)):
-        f = tmp_path / f"r{i}.yaml"
-        f.write_text("\n---\n".join(yaml.safe_dump(d) for d in render(values)
-                                      if d["kind"] != "ServiceMonitor"))
-        subprocess.run([kubectl, "create", "namespace", "serf-system"], capture_output=True)
-        r = subprocess.run([kubectl, "apply", "--dry-run=server", "-f", str(f)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+    # The release namespace and the watched ones must exist; those made here are removed.
+    made = []
+    try:
+        for i, values in enumerate(({}, FULL, HOST)):
+            f = tmp_path / f"r{i}.yaml"
+            f.write_text("\n---\n".join(yaml.safe_dump(d) for d in render(values)
+                                          if d["kind"] != "ServiceMonitor"))
+            for ns in ["serf-system"] + values.get("watchNamespaces", []):
+                if subprocess.run([kubectl, "create", "namespace", ns],
+                                  capture_output=True).returncode == 0:
+                    made.append(ns)
+            r = subprocess.run([kubectl, "apply", "--dry-run=server", "-f", str(f)],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+    finally:
+        for ns in made:
+            subprocess.run([kubectl, "delete", "namespace", ns, "--wait=false"],
+                           capture_output=True)
