@@ -86,6 +86,14 @@ pub struct SerfHandlerSpec {
     )
     .message("members filters apply to member events only: `events` must list only member-* events")
 )]
+#[x_kube(
+    validation = kube::core::Rule::new("!has(self.answer) || has(self.job)")
+        .message("answer is for job routes (a respond route answers with its payload)")
+)]
+#[x_kube(
+    validation = kube::core::Rule::new("!has(self.agent) || has(self.job)")
+        .message("agent is for job routes: it is given to the Job's containers")
+)]
 pub struct Route {
     /// The route's name: a DNS label, unique in the handler. It appears in Job names, labels
     /// and status.
@@ -129,6 +137,62 @@ pub struct Route {
     /// Answer a query inline, before its deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub respond: Option<Respond>,
+
+    /// For a query that this `job` route takes: what answers it. `Output` (the default):
+    /// the output of the Job's first container (stdout and stderr, as Serf answers with a
+    /// handler's output), once its Pod finishes, cut to Serf's response limit (1 KiB); no
+    /// answer when the output is empty or the query's deadline has passed by then (send
+    /// such queries with `serf query -timeout`). `JobName`: the Job's `namespace/name`, at
+    /// once. `None`: no answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<QueryAnswer>,
+
+    /// Give the route's Jobs a Serf agent to call, as handlers under `serf agent` have
+    /// theirs (`serf members`, `serf event`): every container gets `SERF_RPC_ADDR`, and
+    /// `SERF_RPC_AUTH` from a Secret in the handler's namespace. The RPC can send events and
+    /// queries and make the agent leave: give it to Jobs you would give a shell on a Serf
+    /// node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentAccess>,
+}
+
+/// What answers a query taken by a `job` route.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum QueryAnswer {
+    /// The Job's output, once its Pod finishes, if that is before the query's deadline.
+    #[default]
+    Output,
+    /// The Job's `namespace/name`, at once.
+    JobName,
+    /// No answer.
+    None,
+}
+
+/// A Serf agent for a route's Jobs to call.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentAccess {
+    /// The agent's RPC address, `host:port` (`SERF_RPC_ADDR`), e.g. the chart's
+    /// `serf-operator-rpc.serf-system.svc:7373` when `serf.rpcForJobs` is enabled.
+    #[schemars(length(min = 3, max = 253), regex(pattern = r"^[^\s]+:[0-9]{1,5}$"))]
+    pub rpc_addr: String,
+
+    /// The Secret (in the handler's namespace) and key holding the agent's RPC auth key
+    /// (`SERF_RPC_AUTH`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_auth_secret: Option<SecretKey>,
+}
+
+/// A key of a Secret in the handler's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKey {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
 }
 
 /// What to do with a new event while a Job of the same route is active.

@@ -7,8 +7,9 @@ pub mod schema;
 pub mod trigger;
 
 pub use handler::{
-    ConcurrencyPolicy, LastMatched, LastSkipped, MemberItem, MembershipStatus, Respond, Route,
-    RouteStatus, SerfHandler, SerfHandlerSpec, SerfHandlerStatus,
+    AgentAccess, ConcurrencyPolicy, LastMatched, LastSkipped, MemberItem, MembershipStatus,
+    QueryAnswer, Respond, Route, RouteStatus, SecretKey, SerfHandler, SerfHandlerSpec,
+    SerfHandlerStatus,
 };
 pub use schema::JobTemplate;
 pub use trigger::{

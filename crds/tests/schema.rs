@@ -123,6 +123,46 @@ fn handler_rules() {
     let err = check(&schema, handler(json!([{"name": "a", "events": "query"}]))).unwrap_err();
     assert!(err.contains("exactly one action"), "{err}");
 
+    // A job route's query answer and agent access; neither on a respond route.
+    check(&schema, handler(json!([
+        {"name": "a", "events": "query:load", "job": job(), "answer": "JobName",
+         "agent": {"rpcAddr": "serf-rpc.serf-system.svc:7373", "rpcAuthSecret": {"name": "s", "key": "k"}}},
+    ]))).unwrap();
+    let err = check(
+        &schema,
+        handler(json!([
+            {"name": "a", "events": "query", "respond": {"payload": "x"}, "answer": "Output"},
+        ])),
+    )
+    .unwrap_err();
+    assert!(err.contains("answer is for job routes"), "{err}");
+    let err = check(&schema, handler(json!([
+        {"name": "a", "events": "query", "respond": {"payload": "x"}, "agent": {"rpcAddr": "a:1"}},
+    ]))).unwrap_err();
+    assert!(err.contains("agent is for job routes"), "{err}");
+    let route = &SerfHandler::crd().spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap()
+        .properties
+        .as_ref()
+        .unwrap()["spec"]
+        .properties
+        .as_ref()
+        .unwrap()["routes"]
+        .items
+        .clone();
+    let route = serde_json::to_value(route).unwrap();
+    assert_eq!(
+        route["properties"]["answer"]["enum"],
+        json!(["Output", "JobName", "None"]),
+        "{route}"
+    );
+    assert!(route["properties"]["agent"]["properties"]["rpcAddr"]["pattern"].is_string());
+
     let err = check(
         &schema,
         handler(json!([

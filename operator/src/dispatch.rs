@@ -132,6 +132,8 @@ pub trait Effects: Send {
     fn membership(&mut self, _selected: Vec<(HandlerRef, Vec<Member>)>, _record: &Membership) {}
     /// The Serf link went up or down.
     fn serf_link(&mut self, _up: bool) {}
+    /// The agent connection now in use (None: disconnected).
+    fn connection(&mut self, _serf: Option<&serf_client::Client>) {}
     /// An event left the queue.
     fn dequeued(&mut self) {}
 }
@@ -269,6 +271,7 @@ impl<E: Effects> Dispatcher<E> {
                 }
                 tracing::info!(node = %self.node.name, role = self.node.role(), "following the Serf agent");
                 self.serf = Some(c.clone());
+                self.effects.connection(Some(&c));
                 self.effects.serf_link(true);
                 self.check_epoch(&c).await;
                 if self.leader && self.catch_up {
@@ -284,6 +287,7 @@ impl<E: Effects> Dispatcher<E> {
             Input::Disconnected(error) => {
                 tracing::warn!(%error, "Serf agent connection lost; user events and queries sent until it is back are lost");
                 self.serf = None;
+                self.effects.connection(None);
                 self.effects.serf_link(false);
             }
             Input::Lagged(missed) => {

@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::answer::PendingAnswer;
 use crate::dispatch::{DropReason, Effects, RouteEvent, Severity};
 use crate::engine::{Launch, Membership, SkipReason};
 use crate::error::kube_call;
@@ -103,6 +104,8 @@ pub struct PendingLaunch {
     pub event: String,
     /// When the event came off the stream (the launch deadline counts from here).
     pub received: Instant,
+    /// The query to answer with the Job's output, on the connection that received it.
+    pub answer: Option<PendingAnswer>,
 }
 
 /// The dispatcher's effects on Kubernetes.
@@ -115,14 +118,24 @@ pub struct KubeEffects {
     pub membership: watch::Sender<Option<Membership>>,
     /// Whether the agent was connected before (so that the next connection is a reconnect).
     pub connected_before: bool,
+    /// The current agent connection (queries answered from a Job's output go out on it).
+    pub serf: Option<serf_client::Client>,
 }
 
 impl Effects for KubeEffects {
     fn launch(&mut self, launch: Box<Launch>, event: &str, received: Instant) {
+        let answer = match (launch.answer_query, &self.serf) {
+            (Some(query_id), Some(serf)) => Some(PendingAnswer {
+                query_id,
+                serf: serf.clone(),
+            }),
+            _ => None,
+        };
         let p = PendingLaunch {
             launch,
             event: event.to_string(),
             received,
+            answer,
         };
         match self.launches.try_send(p) {
             Ok(()) => {
@@ -198,6 +211,10 @@ impl Effects for KubeEffects {
             });
         }
         self.membership.send_replace(Some(record.clone()));
+    }
+
+    fn connection(&mut self, serf: Option<&serf_client::Client>) {
+        self.serf = serf.cloned();
     }
 
     fn serf_link(&mut self, up: bool) {
@@ -379,6 +396,26 @@ impl Worker {
         }
     }
 
+    /// A query taken by the Job's route is answered with its output: a task of its own
+    /// waits for the Job's Pod to finish.
+    fn answer_from_output(&self, p: &PendingLaunch) {
+        let Some(pending) = p.answer.clone() else {
+            return;
+        };
+        let span = tracing::info_span!("answer", event = %p.event, job = p.launch.job.metadata.name.as_deref().unwrap_or(""));
+        tokio::spawn(
+            crate::answer::answer_with_output(
+                self.client.clone(),
+                self.sinks.clone(),
+                p.launch.clone(),
+                p.event.clone(),
+                pending,
+                self.policy.call_timeout,
+            )
+            .instrument(span),
+        );
+    }
+
     fn report(&self, p: &PendingLaunch, name: &str, result: Option<LaunchResult>) {
         let l = &p.launch;
         let metrics = &self.sinks.metrics;
@@ -402,6 +439,7 @@ impl Worker {
                 );
             }
             Some(LaunchResult::Created { name }) => {
+                self.answer_from_output(p);
                 let took = p.received.elapsed();
                 tracing::info!(?took, "Job created");
                 metrics.jobs_created.inc();
@@ -422,6 +460,7 @@ impl Worker {
                 );
             }
             Some(LaunchResult::AlreadyLaunched { name }) => {
+                self.answer_from_output(p);
                 tracing::info!("Job exists already: a duplicate or a replay");
                 metrics.dropped(DropReason::Duplicate.label());
                 record_in_ledger(&name);

@@ -13,7 +13,7 @@ use regex::Regex;
 use serf_client::{
     Event, EventFilter, FilterItem, Member, MemberEvent, MemberEventKind, MemberStatus,
 };
-use serf_operator_crds::{ConcurrencyPolicy, SerfHandler};
+use serf_operator_crds::{ConcurrencyPolicy, QueryAnswer, SerfHandler};
 use sha2::{Digest, Sha256};
 
 use crate::contract::{self, SelfNode};
@@ -64,6 +64,7 @@ struct CompiledRoute {
     coalesce: Option<Duration>,
     policy: ConcurrencyPolicy,
     action: RouteAction,
+    answer: QueryAnswer,
 }
 
 struct CompiledHandler {
@@ -342,13 +343,16 @@ impl Router {
             }
             let action = match (&r.job, &r.respond) {
                 (Some(t), None) => match t.decode() {
-                    Ok(spec)
+                    Ok(mut spec)
                         if spec
                             .spec
                             .as_ref()
                             .and_then(|s| s.template.spec.as_ref())
                             .is_some_and(|p| !p.containers.is_empty()) =>
                     {
+                        if let Some(agent) = &r.agent {
+                            jobs::give_agent(&mut spec, agent);
+                        }
                         RouteAction::Job(Box::new(spec))
                     }
                     Ok(_) => {
@@ -389,6 +393,7 @@ impl Router {
                 coalesce,
                 policy: r.concurrency_policy.unwrap_or_default(),
                 action,
+                answer: r.answer.unwrap_or_default(),
             });
         }
         CompiledHandler {
@@ -537,6 +542,10 @@ pub struct Launch {
     pub stdin: Option<Secret>,
     /// Active Jobs to delete first (concurrency policy Replace).
     pub replace: Vec<String>,
+    /// The query (its id, on the connection that received it) to answer with the Job's
+    /// output once its Pod finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_query: Option<u64>,
 }
 
 impl Launch {
@@ -959,7 +968,7 @@ impl Engine {
             no_news: false,
         };
         let mut answered = false;
-        let mut first_job: Option<String> = None;
+        let mut job_name_answer: Option<Action> = None;
         let candidates = self.router.candidates(event.kind(), &name);
         for (hi, ri) in candidates {
             let h = &self.router.handlers[hi];
@@ -1095,31 +1104,38 @@ impl Engine {
                         &description,
                         ctx.replayed,
                     );
-                    if let Action::Launch(l) = &action
-                        && let Some(name) = &l.job.metadata.name
+                    let mut action = action;
+                    // A query's one answer (Serf takes one per node): the first job route
+                    // that launches for it gives it, with the Job's output when it
+                    // finishes, or with the Job's name at once.
+                    if let (Event::Query(q), false, Action::Launch(l)) =
+                        (event, answered, &mut action)
                     {
-                        first_job.get_or_insert(name.clone());
+                        match r.answer {
+                            QueryAnswer::Output => {
+                                l.answer_query = Some(q.id);
+                                answered = true;
+                            }
+                            QueryAnswer::JobName => {
+                                if let Some(name) = &l.job.metadata.name {
+                                    job_name_answer = Some(Action::Answer {
+                                        payload: format!("{}/{name}", l.handler.namespace)
+                                            .into_bytes(),
+                                        handler: l.handler.clone(),
+                                        route: l.route.clone(),
+                                        query_id: q.id,
+                                    });
+                                    answered = true;
+                                }
+                            }
+                            QueryAnswer::None => {}
+                        }
                     }
                     outcome.actions.push(action);
                 }
             }
         }
-        // A query that only job routes take is answered with the Job's name at once.
-        if let (Event::Query(q), false, Some(job)) = (event, answered, first_job)
-            && let Some(Action::Launch(l)) = outcome
-                .actions
-                .iter()
-                .find(|a| matches!(a, Action::Launch(_)))
-        {
-            let handler = l.handler.clone();
-            let route = l.route.clone();
-            outcome.actions.push(Action::Answer {
-                payload: format!("{}/{job}", handler.namespace).into_bytes(),
-                handler,
-                route,
-                query_id: q.id,
-            });
-        }
+        outcome.actions.extend(job_name_answer);
         outcome
     }
 
@@ -1270,6 +1286,7 @@ fn build_launch(
         job,
         stdin,
         replace,
+        answer_query: None,
     }
 }
 

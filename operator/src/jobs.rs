@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar, ObjectFieldSelector, Secret,
-    SecretVolumeSource, Volume, VolumeMount,
+    Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar, EnvVarSource,
+    ObjectFieldSelector, Secret, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -108,6 +108,51 @@ pub fn stdin_as_annotation(stdin: &[u8]) -> Option<&str> {
     std::str::from_utf8(stdin)
         .ok()
         .filter(|t| !t.contains('\0'))
+}
+
+/// Gives every container of the template a Serf agent to call: `SERF_RPC_ADDR`, and
+/// `SERF_RPC_AUTH` from the Secret, first in each container's `env` (the `serf` CLI reads
+/// both). A template variable of the same name is replaced.
+pub fn give_agent(template: &mut JobTemplateSpec, agent: &serf_operator_crds::AgentAccess) {
+    let mut vars = vec![EnvVar {
+        name: "SERF_RPC_ADDR".into(),
+        value: Some(agent.rpc_addr.clone()),
+        ..Default::default()
+    }];
+    if let Some(secret) = &agent.rpc_auth_secret {
+        vars.push(EnvVar {
+            name: "SERF_RPC_AUTH".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.name.clone(),
+                    key: secret.key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let Some(pod) = template
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+    else {
+        return;
+    };
+    let give = |c: &mut Container| {
+        let own = c.env.take().unwrap_or_default();
+        let mut env = vars.clone();
+        env.extend(
+            own.into_iter()
+                .filter(|v| !vars.iter().any(|a| a.name == v.name)),
+        );
+        c.env = Some(env);
+    };
+    pod.containers.iter_mut().for_each(give);
+    if let Some(init) = pod.init_containers.as_mut() {
+        init.iter_mut().for_each(give);
+    }
 }
 
 /// Builds the Job, and the Secret that carries `/serf/stdin` when the Job cannot carry it

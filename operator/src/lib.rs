@@ -13,6 +13,7 @@
 //! - errors and their retry category: [`error`]; admin endpoints: [`admin`]; wiring: [`run`].
 
 pub mod admin;
+pub mod answer;
 pub mod contract;
 pub mod controller;
 pub mod dispatch;

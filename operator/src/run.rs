@@ -262,6 +262,7 @@ pub async fn run(
                     launch: Box::new(launch),
                     event,
                     received: Instant::now(),
+                    answer: None,
                 };
                 if launch_tx.try_send(p).is_ok() {
                     metrics.launch_queue_depth.inc();
@@ -368,6 +369,7 @@ pub async fn run(
             launches: launch_tx,
             membership: membership_tx,
             connected_before: false,
+            serf: None,
         },
     );
     // The handlers are compiled before the first event (the catch-up on connecting needs

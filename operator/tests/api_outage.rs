@@ -158,6 +158,7 @@ async fn queries_answered_and_no_job_lost_while_the_api_server_is_away() {
             launches: launch_tx,
             membership: membership_tx,
             connected_before: false,
+            serf: None,
         },
     );
     control_tx
@@ -299,6 +300,7 @@ async fn a_create_still_in_flight_at_shutdown_is_handed_over_and_taken_back() {
             launch: launch.clone(),
             event: "user:deploy@9".into(),
             received: std::time::Instant::now(),
+            answer: None,
         })
         .await
         .unwrap();

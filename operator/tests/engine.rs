@@ -578,6 +578,14 @@ spec:
     - name: run
       events: query:build
 {JOB}
+    - name: named
+      events: query:named
+      answer: JobName
+{JOB}
+    - name: silent
+      events: query:silent
+      answer: None
+{JOB}
 ---
 apiVersion: serf.operator.io/v1alpha1
 kind: SerfHandler
@@ -593,13 +601,25 @@ spec:
 "#
     ));
     let mut engine = Engine::new(&hs, Membership::default());
+    let answer_of = |o: &Outcome| {
+        o.actions.iter().find_map(|a| match a {
+            Action::Answer { payload, .. } => Some(String::from_utf8(payload.clone()).unwrap()),
+            _ => None,
+        })
+    };
+    // By default a job route answers with the Job's output, once it has finished: the
+    // launch carries the query, no answer goes out now.
     let o = route(&mut engine, &query("build", 4, b"x"), &node("web"));
+    assert_eq!(launches(&o)[0].answer_query, Some(4));
+    assert_eq!(answer_of(&o), None);
+    // `answer: JobName`: the Job's name, at once; `None`: nothing.
+    let o = route(&mut engine, &query("named", 7, b"x"), &node("web"));
     let job = launches(&o)[0].job.metadata.name.clone().unwrap();
-    let answer = o.actions.iter().find_map(|a| match a {
-        Action::Answer { payload, .. } => Some(String::from_utf8(payload.clone()).unwrap()),
-        _ => None,
-    });
-    assert_eq!(answer, Some(format!("ns/{job}")));
+    assert_eq!(launches(&o)[0].answer_query, None);
+    assert_eq!(answer_of(&o), Some(format!("ns/{job}")));
+    let o = route(&mut engine, &query("silent", 8, b"x"), &node("web"));
+    assert_eq!(launches(&o)[0].answer_query, None);
+    assert_eq!(answer_of(&o), None);
 
     // Too large after expansion: skipped with the reason; the next route answers instead.
     let o = route(&mut engine, &query("huge", 5, &[b'x'; 600]), &node("web"));
@@ -903,4 +923,78 @@ fn membership_diff_recovers_missed_member_events() {
     let json = serde_json::to_string(engine.membership()).unwrap();
     let back: Membership = serde_json::from_str(&json).unwrap();
     assert_eq!(&back, engine.membership());
+}
+
+/// A route that gives its Jobs an agent: every container gets `SERF_RPC_ADDR` and
+/// `SERF_RPC_AUTH` from the Secret, before its own variables; a template variable of the
+/// same name is replaced.
+#[test]
+fn a_route_can_give_its_jobs_an_agent() {
+    let hs = handler(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {name: hosts, namespace: ops}
+spec:
+  routes:
+    - name: rebuild
+      events: member-join
+      agent: {rpcAddr: "serf-operator-rpc.serf-system.svc:7373", rpcAuthSecret: {name: serf-rpc, key: key}}
+      job:
+        spec:
+          template:
+            spec:
+              restartPolicy: Never
+              initContainers: [{name: init, image: busybox}]
+              containers:
+                - name: c
+                  image: busybox
+                  env: [{name: SERF_RPC_ADDR, value: "mine"}, {name: OWN, value: "$(SERF_RPC_ADDR)"}]
+"#,
+    );
+    let mut engine = Engine::new(&hs, Membership::default());
+    let o = route(
+        &mut engine,
+        &members_event(
+            MemberEventKind::Join,
+            vec![member("db-1", "db", MemberStatus::Alive)],
+        ),
+        &node("web"),
+    );
+    let l = launches(&o)[0];
+    let pod = l.job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    for c in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.as_ref().unwrap())
+    {
+        let env = c.env.as_ref().unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        let addr = names.iter().position(|n| *n == "SERF_RPC_ADDR").unwrap();
+        assert_eq!(
+            names.iter().filter(|n| **n == "SERF_RPC_ADDR").count(),
+            1,
+            "{names:?}"
+        );
+        assert_eq!(
+            env[addr].value.as_deref(),
+            Some("serf-operator-rpc.serf-system.svc:7373")
+        );
+        let auth = env.iter().find(|e| e.name == "SERF_RPC_AUTH").unwrap();
+        let secret = auth
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("serf-rpc", "key")
+        );
+        assert!(auth.value.is_none(), "the key never enters the spec");
+        if let Some(own) = names.iter().position(|n| *n == "OWN") {
+            assert!(addr < own, "defined before the template's own: {names:?}");
+        }
+    }
 }
