@@ -144,6 +144,8 @@ def test_rbac_is_least_privilege():
     # /serf/stdin Secrets (only for stdin a pod annotation cannot hold): made before the
     # Job, handed to it (patch), deleted when the Job is never created
     assert verbs[("", "secrets")] == {"create", "patch", "delete"}
+    assert verbs[("", "pods")] == {"get", "list", "watch"}
+    assert verbs[("", "pods/log")] == {"get"}
     assert verbs[("events.k8s.io", "events")] == {"create", "patch"}
     state = [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-state")][0]
     assert {"coordination.k8s.io"} <= {g for r in state["rules"] for g in r["apiGroups"]}

@@ -49,6 +49,13 @@ or the pod's IP; the port is serf.bindPort unless given. */}}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create", "patch", "delete"]
+# A query answered with a Job's output: the Job's Pod, and its log.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch"]
