@@ -226,3 +226,197 @@ async fn output_of(client: &kube::Client, ns: &str, event: &str) -> String {
         .await
         .unwrap()
 }
+
+/// Whether a Ready node holds `image` (so a Pod can use it without a registry).
+async fn node_has_image(client: &kube::Client, image: &str) -> bool {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    nodes
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items.iter().any(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.images.as_ref())
+                    .is_some_and(|imgs| {
+                        imgs.iter().any(|i| {
+                            i.names
+                                .as_ref()
+                                .is_some_and(|ns| ns.iter().any(|x| x.ends_with(image)))
+                        })
+                    })
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// A real query answered by a real Job's output on the node (as Serf answers with its
+/// handler's output), and a Job that calls the agent it was given (`serf members`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_is_answered_by_a_real_jobs_output_and_a_job_calls_its_agent() {
+    let Some(client) = cluster_or_skip("the real-node suite").await else {
+        return;
+    };
+    let Some(image) = node_image_or_skip(&client, "the real-node suite").await else {
+        return;
+    };
+    install_crds(&client).await.unwrap();
+    let ns = TempNamespace::create(&client, "answer").await.unwrap();
+    let ns = ns.name.clone();
+    wait_for_default_service_account(&client, &ns)
+        .await
+        .unwrap();
+    let work = std::env::temp_dir().join(format!("serf-e2e-answer-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let log = work.join("operator.log");
+    eprintln!("operator log: {}", log.display());
+
+    let op = Agent::start(AgentConfig::new("e2e-answer-op").tag("role", "web"), &[]).unwrap();
+    let peer = Agent::start(AgentConfig::new("e2e-answer-peer"), &[op.bind_addr()]).unwrap();
+    // A Job that calls the agent needs the `serf` CLI: the operator's image carries it.
+    let serf_image = "localhost/serf-operator:dev";
+    let with_agent = node_has_image(&client, serf_image).await;
+    let mut routes = vec![serde_json::json!({
+        "name": "uptime", "events": "query:uptime",
+        "job": {"spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "uptime", "image": image, "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", "echo \"up on $SERF_SELF_NAME: $(cat /serf/stdin)\"; echo 'and a warning' >&2"],
+            }],
+        }}}},
+    })];
+    if with_agent {
+        routes.push(serde_json::json!({
+            "name": "members", "events": "user:list-members",
+            // The agent listens on the host's loopback: the Pod shares the host's network.
+            "agent": {"rpcAddr": op.rpc_addr().to_string()},
+            "job": {"spec": {"backoffLimit": 0, "template": {"spec": {
+                "restartPolicy": "Never", "hostNetwork": true,
+                "containers": [{
+                    "name": "members", "image": serf_image, "imagePullPolicy": "IfNotPresent",
+                    "command": ["serf", "members"],
+                }],
+            }}}},
+        }));
+    } else {
+        eprintln!(
+            "\n*** SKIPPED (part): the node has no {serf_image} image for a Job that runs `serf members` ***\n"
+        );
+    }
+    let handler = serde_json::json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+        "metadata": {"name": "answers", "namespace": ns},
+        "spec": {"routes": routes},
+    });
+    let hapi: Api<SerfHandler> = Api::namespaced(client.clone(), &ns);
+    hapi.patch(
+        "answers",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&handler),
+    )
+    .await
+    .unwrap();
+    let metrics = serf_testkit::free_port().unwrap();
+    let _operator = OperatorProcess::start(
+        &[
+            "--namespaces",
+            &ns,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ],
+        &[
+            ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
+            ("POD_NAMESPACE", ns.clone()),
+            ("RUST_LOG", "info,serf_operator=debug".to_string()),
+        ],
+        log.clone(),
+    )
+    .unwrap();
+    eventually("the operator's stream", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("following the Serf agent")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The query comes from the other node, with a deadline long enough for a Pod to run.
+    let asker = serf_client::Client::connect(ClientConfig::new(peer.rpc_addr().to_string()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut params = serf_client::QueryParams::new("uptime", b"5m".to_vec());
+    params.timeout = Some(Duration::from_secs(60));
+    params.filter_nodes = vec!["e2e-answer-op".into()];
+    let mut records = asker.query(&params).await.unwrap();
+    let mut answer = None;
+    while let Some(rec) = tokio::time::timeout(Duration::from_secs(70), records.next())
+        .await
+        .expect("the query ends at its deadline")
+    {
+        if let serf_client::QueryRecord::Response { from, payload } = rec.unwrap() {
+            eprintln!(
+                "answer from {from} after {:?}: {:?}",
+                started.elapsed(),
+                String::from_utf8_lossy(&payload)
+            );
+            answer = Some((from, payload));
+            break;
+        }
+    }
+    assert_eq!(
+        answer,
+        Some((
+            "e2e-answer-op".to_string(),
+            b"up on e2e-answer-op: 5m\nand a warning\n".to_vec()
+        )),
+        "the Job's stdout and stderr answer the query; operator log: {}",
+        log.display()
+    );
+
+    if with_agent {
+        let serf = serf_client::Client::connect(ClientConfig::new(op.rpc_addr().to_string()))
+            .await
+            .unwrap();
+        serf.event("list-members", b"", false).await.unwrap();
+        let job = eventually("the members Job", Duration::from_secs(30), || async {
+            jobs(&client, &ns, "members").await.into_iter().next()
+        })
+        .await;
+        let job_name = job.metadata.name.clone().unwrap();
+        let job_api: Api<Job> = Api::namespaced(client.clone(), &ns);
+        eventually(
+            &format!("Job {job_name} Complete"),
+            Duration::from_secs(90),
+            || async {
+                let st = job_api
+                    .get(&job_name)
+                    .await
+                    .unwrap()
+                    .status
+                    .unwrap_or_default();
+                assert_eq!(st.failed.unwrap_or(0), 0, "Job {job_name} failed");
+                (st.succeeded.unwrap_or(0) >= 1).then_some(())
+            },
+        )
+        .await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let pod = pods
+            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+            .await
+            .unwrap()
+            .items
+            .remove(0);
+        let out = pods
+            .logs(&pod.metadata.name.unwrap(), &LogParams::default())
+            .await
+            .unwrap();
+        eprintln!("serf members in the Job:\n{out}");
+        assert!(
+            out.contains("e2e-answer-op") && out.contains("e2e-answer-peer"),
+            "{out}"
+        );
+    }
+}
