@@ -700,7 +700,8 @@ pub struct Membership {
     /// old one's.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch: u64,
-    /// The newest user-event Lamport time seen in this epoch.
+    /// The user-event Lamport clock as this epoch's events moved it: one past the newest
+    /// event seen (an agent that delivered that event has a clock at least this far).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub event_clock: u64,
 }
@@ -759,12 +760,14 @@ impl Membership {
     /// further back than Serf's event buffer from the newest one seen cannot be of the same
     /// epoch (Serf itself ignores such events).
     pub fn witness_event(&mut self, ltime: u64) -> bool {
+        // As a Lamport clock witnesses a time: it moves past it.
+        let next = ltime.saturating_add(1);
         let new_epoch = ltime.saturating_add(EVENT_BUFFER) < self.event_clock;
         if new_epoch {
             self.epoch += 1;
-            self.event_clock = ltime;
+            self.event_clock = next;
         } else {
-            self.event_clock = self.event_clock.max(ltime);
+            self.event_clock = self.event_clock.max(next);
         }
         new_epoch
     }

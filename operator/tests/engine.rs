@@ -390,6 +390,9 @@ spec:
             .unwrap()
     };
     let old = job(&mut engine, 1);
+    // A fresh agent's clock is 1: behind an agent that delivered event 1 (clock 2).
+    let mut fresh = engine.membership().clone();
+    assert!(fresh.witness_agent_clock(1));
     assert_eq!(old, job(&mut engine, 1), "a redelivery is the same Job");
     let _ = job(&mut engine, 900);
     assert_eq!(engine.membership().epoch, 0);
@@ -407,7 +410,10 @@ spec:
     // Read from the agent on connecting: a clock behind the newest event seen.
     let mut m = Membership::default();
     assert!(!m.witness_event(40));
-    assert!(!m.witness_agent_clock(40), "the same clock: same epoch");
+    assert!(
+        !m.witness_agent_clock(41),
+        "the clock of an agent that delivered event 40: same epoch"
+    );
     assert!(!m.witness_agent_clock(45));
     assert!(m.witness_agent_clock(3), "behind: the cluster restarted");
     assert_eq!((m.epoch, m.event_clock), (1, 3));
