@@ -1,0 +1,576 @@
+//! End to end: the Helm chart installed with the real Helm engine (helm-python-sdk) on a real
+//! node of this machine, its pod on the node's network next to a Serf agent the test starts
+//! outside Kubernetes, whose event handler logs every event it sees. Needs KUBECONFIG, a
+//! Ready node whose address is this machine's, the operator's image on that node
+//! (`localhost/serf-operator:dev`, or SERF_E2E_OPERATOR_IMAGE) and a Python with
+//! helm-python-sdk (`target/test-venv`, made by scripts/test.sh, or SERF_E2E_HELM_PYTHON);
+//! without one of them it is skipped, loudly.
+//!
+//! What it checks: the pod becomes Ready; neither the gossip key nor the RPC key is on any
+//! command line of the machine; the agent's config file is mode 0600; deleting the pod and a
+//! rollout show the outside agent member-leave and member-join, never member-failed; a pod
+//! whose join address does not answer starts anyway (no crash loop), is not Ready, and is
+//! Ready once the address answers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serf_operator_e2e::{
+    TempNamespace, cluster_or_skip, install_crds, wait_for_default_service_account,
+};
+use serf_testkit::{Agent, AgentConfig};
+
+const SUITE: &str = "the chart suite";
+const RELEASE: &str = "serf-chart-e2e";
+
+/// Installs or uninstalls the release with helm-python-sdk; the arguments come as JSON on
+/// stdin. Helm reads KUBECONFIG itself.
+const HELM: &str = r#"
+import json, sys, helm_python
+a = json.load(sys.stdin)
+cfg = helm_python.Config(namespace=a["namespace"])
+if a["op"] == "install":
+    cfg.install(a["chart"], a["release"], a["values"], namespace=a["namespace"])
+else:
+    cfg.uninstall(a["release"], ignore_not_found=True)
+"#;
+
+/// Logs each member line of every event the outside agent sees: `EVENT NAME ...`.
+const HANDLER: &str = r#"#!/bin/sh
+while IFS= read -r line || [ -n "$line" ]; do
+  printf '%s %s\n' "$SERF_EVENT" "$line"
+done >> "$(dirname "$0")/events.log"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_survives_its_own_life_cycle() {
+    let Some(client) = cluster_or_skip(SUITE).await else {
+        return;
+    };
+    let Some(image) = local_node_with_image_or_skip(&client).await else {
+        return;
+    };
+    let Some(python) = helm_python_or_skip().await else {
+        return;
+    };
+    // The CRDs as the other suites install them (from the types); Helm gets the chart
+    // without them, so that it never fights over CRDs another suite or release applied.
+    install_crds(&client).await.unwrap();
+    let ns = TempNamespace::create(&client, "chart").await.unwrap();
+    let ns = ns.name.clone();
+    wait_for_default_service_account(&client, &ns)
+        .await
+        .unwrap();
+    let work = std::env::temp_dir().join(format!("serf-e2e-chart-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let chart = work.join("serf-operator");
+    copy_chart_without_crds(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/serf-operator"),
+        &chart,
+    );
+    let handler = work.join("handler.sh");
+    std::fs::write(&handler, HANDLER).unwrap();
+    std::fs::set_permissions(
+        &handler,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let events_log = work.join("events.log");
+    eprintln!("outside agent's events: {}", events_log.display());
+
+    // The keys: Secrets for the chart; the outside agent reads them from its config file, so
+    // that no command line on this machine holds them.
+    let gossip = serf_testkit::keygen().unwrap();
+    let token = format!("rpc-{}-{}", std::process::id(), unix_millis());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    for (name, value) in [("serf-keys", &gossip), ("serf-rpc", &token)] {
+        let s: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name}, "stringData": {"key": value},
+        }))
+        .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let mut outside = Agent::start(
+        AgentConfig::new("e2e-chart-outside")
+            .config_entry("encrypt_key", gossip.clone())
+            .rpc_auth(token.clone())
+            .event_handler(handler.to_str().unwrap()),
+        &[],
+    )
+    .unwrap();
+    let events = Events(events_log);
+
+    let free = || serf_testkit::free_port().unwrap();
+    let (bind_port, rpc_port, metrics_port) = (free(), free(), free());
+    let (repository, tag) = image.rsplit_once(':').unwrap();
+    let values = serde_json::json!({
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"},
+        "watchNamespaces": [ns],
+        "hostNetwork": true,
+        "tolerations": [{"operator": "Exists"}],
+        "serf": {
+            "join": [outside.bind_addr().to_string()],
+            "retryInterval": "1s",
+            "bindAddr": "127.0.0.1",
+            "bindPort": bind_port,
+            "advertiseAddr": "127.0.0.1",
+            "rpcPort": rpc_port,
+            "role": "operator",
+            "encryptKeySecret": {"name": "serf-keys"},
+            "rpcAuthSecret": {"name": "serf-rpc"},
+        },
+        "operator": {"logFormat": "text", "extraEnv": api_server_env().await},
+        "metrics": {"port": metrics_port},
+    });
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut figures = Vec::new();
+
+    // Install: Ready, joined.
+    let t = Instant::now();
+    helm(&python, &chart, "install", &ns, &values).await;
+    let pod = ready_pod(&pods, None, Duration::from_secs(90)).await;
+    figures.push(format!(
+        "install → pod Ready: {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    events
+        .wait_for("member-join", &pod, Duration::from_secs(30))
+        .await;
+
+    // No key on any command line of this machine (the node is this machine); the agent's
+    // config file, seen through its process's root, is private.
+    assert_eq!(
+        processes_showing(gossip.as_bytes()),
+        Vec::<String>::new(),
+        "the gossip key is on a command line"
+    );
+    assert_eq!(
+        processes_showing(token.as_bytes()),
+        Vec::<String>::new(),
+        "the RPC key is on a command line"
+    );
+    let (pid, cmdline) = agent_process(&pod).expect("the pod's serf agent runs on this machine");
+    assert!(
+        cmdline.contains(&format!("-retry-join={}", outside.bind_addr())),
+        "{cmdline}"
+    );
+    assert!(!cmdline.contains("-encrypt"), "{cmdline}");
+    let config = PathBuf::from(format!("/proc/{pid}/root/serf-config/agent.json"));
+    match std::fs::metadata(&config) {
+        Ok(m) => {
+            use std::os::unix::fs::MetadataExt as _;
+            assert_eq!(m.mode() & 0o777, 0o600, "mode of the agent's config file");
+            assert_eq!(m.uid(), 65532, "owner of the agent's config file");
+            figures.push("agent's config file: mode 0600, uid 65532".into());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!(
+                "NOTE: {} is not readable here ({e}): mode not checked",
+                config.display()
+            );
+        }
+        Err(e) => panic!("{}: {e}", config.display()),
+    }
+
+    // Deleting the pod: the outside agent sees it leave, then its successor join.
+    let t = Instant::now();
+    pods.delete(&pod, &DeleteParams::default()).await.unwrap();
+    events
+        .wait_for("member-leave", &pod, Duration::from_secs(45))
+        .await;
+    figures.push(format!(
+        "pod deleted → member-leave at the outside agent: {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    let pod = ready_pod(&pods, Some(&pod), Duration::from_secs(90)).await;
+    figures.push(format!(
+        "pod deleted → successor Ready: {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    events
+        .wait_for("member-join", &pod, Duration::from_secs(30))
+        .await;
+
+    // A rollout: leave and join again.
+    let t = Instant::now();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments
+        .patch(
+            RELEASE,
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
+                "kubectl.kubernetes.io/restartedAt": unix_millis().to_string()}}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    events
+        .wait_for("member-leave", &pod, Duration::from_secs(45))
+        .await;
+    let pod = ready_pod(&pods, Some(&pod), Duration::from_secs(90)).await;
+    figures.push(format!(
+        "rollout → new pod Ready: {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    events
+        .wait_for("member-join", &pod, Duration::from_secs(30))
+        .await;
+
+    // The join address goes away: the pod, alone, is not Ready. Its successor starts while
+    // the address does not answer (no crash loop), and is Ready once it answers.
+    outside.kill().unwrap();
+    wait_not_ready(&pods, &pod, Duration::from_secs(60)).await;
+    pods.delete(&pod, &DeleteParams::default()).await.unwrap();
+    let next = running_pod(&pods, &pod, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let p = pods.get(&next).await.unwrap();
+    assert!(
+        !is_ready(&p),
+        "{next} is Ready while its join address is down"
+    );
+    assert_eq!(
+        restarts(&p),
+        0,
+        "{next} restarted while its join address was down"
+    );
+    let t = Instant::now();
+    outside.restart(&[]).unwrap();
+    let pod = ready_pod(&pods, Some(&pod), Duration::from_secs(60)).await;
+    assert_eq!(pod, next);
+    figures.push(format!(
+        "join address back → pod Ready: {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    assert_eq!(restarts(&pods.get(&pod).await.unwrap()), 0);
+
+    // Uninstall: a last leave.
+    helm(&python, &chart, "uninstall", &ns, &values).await;
+    events
+        .wait_for("member-leave", &pod, Duration::from_secs(45))
+        .await;
+
+    let seen = events.all();
+    let count = |kind: &str| {
+        seen.iter()
+            .filter(|(e, n)| e == kind && n.starts_with(RELEASE))
+            .count()
+    };
+    figures.push(format!(
+        "operator pods seen by the outside agent: member-join {}, member-leave {}, member-failed {}",
+        count("member-join"),
+        count("member-leave"),
+        count("member-failed")
+    ));
+    eprintln!("\n{SUITE}:\n  {}\n", figures.join("\n  "));
+    assert_eq!(count("member-failed"), 0, "events: {seen:?}");
+    assert_eq!(count("member-leave"), 3, "events: {seen:?}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The outside agent's event log.
+struct Events(PathBuf);
+
+impl Events {
+    /// Every (event, member name) logged so far.
+    fn all(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(&self.0)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_string(), w.next()?.to_string()))
+            })
+            .collect()
+    }
+
+    async fn wait_for(&self, event: &str, member: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.all().iter().any(|(e, n)| e == event && n == member) {
+            assert!(
+                Instant::now() < deadline,
+                "no {event} of {member} at the outside agent; it saw {:?}",
+                self.all()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn unix_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// The image on a Ready node that is this machine (its address can be bound here), or `None`
+/// after a loud notice.
+async fn local_node_with_image_or_skip(client: &Client) -> Option<String> {
+    let image = std::env::var("SERF_E2E_OPERATOR_IMAGE")
+        .unwrap_or_else(|_| "localhost/serf-operator:dev".into());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let list = nodes.list(&ListParams::default()).await.unwrap().items;
+    let ready_here: Vec<&Node> = list
+        .iter()
+        .filter(|n| {
+            let st = n.status.as_ref();
+            let ready = st
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let here = st.and_then(|s| s.addresses.as_ref()).is_some_and(|a| {
+                a.iter().any(|a| {
+                    a.type_ == "InternalIP"
+                        && a.address
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| std::net::TcpListener::bind((ip, 0)).is_ok())
+                })
+            });
+            ready && here
+        })
+        .collect();
+    if ready_here.is_empty() {
+        eprintln!(
+            "\n*** SKIPPED: {SUITE} needs a Ready node on this machine (the pod runs on the \
+             node's network next to a Serf agent the test starts); the cluster has none ***\n"
+        );
+        return None;
+    }
+    let has_image = ready_here.iter().any(|n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.images.as_ref())
+            .is_some_and(|imgs| {
+                imgs.iter().any(|i| {
+                    i.names
+                        .as_ref()
+                        .is_some_and(|n| n.iter().any(|x| x.ends_with(&image)))
+                })
+            })
+    });
+    if !has_image {
+        eprintln!(
+            "\n*** SKIPPED: {SUITE} needs the operator's image {image} on the node (build it \
+             from this tree and import it, or set SERF_E2E_OPERATOR_IMAGE) ***\n"
+        );
+        return None;
+    }
+    Some(image)
+}
+
+/// A Python that imports helm_python, or `None` after a loud notice.
+async fn helm_python_or_skip() -> Option<PathBuf> {
+    let python = match std::env::var_os("SERF_E2E_HELM_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+            .join("test-venv/bin/python"),
+    };
+    let ok = tokio::process::Command::new(&python)
+        .args(["-c", "import helm_python"])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!(
+            "\n*** SKIPPED: {SUITE} needs the Helm engine: {} with helm-python-sdk (scripts/test.sh \
+             makes it; or set SERF_E2E_HELM_PYTHON) ***\n",
+            python.display()
+        );
+        return None;
+    }
+    Some(python)
+}
+
+/// Where a pod on the node's network reaches the API server, when the kubeconfig's server is
+/// a loopback address (no Service leads there): KUBERNETES_SERVICE_HOST and _PORT.
+async fn api_server_env() -> serde_json::Value {
+    let cfg = kube::Config::infer().await.unwrap();
+    let url = &cfg.cluster_url;
+    match url.host().map(|h| h.trim_matches(['[', ']'])) {
+        Some(h)
+            if h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()) =>
+        {
+            serde_json::json!([
+                {"name": "KUBERNETES_SERVICE_HOST", "value": h},
+                {"name": "KUBERNETES_SERVICE_PORT", "value": url.port_u16().unwrap_or(443).to_string()},
+            ])
+        }
+        _ => serde_json::json!([]),
+    }
+}
+
+/// The chart's files, `crds/` left out.
+fn copy_chart_without_crds(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type().unwrap().is_dir() {
+            if entry.file_name() != "crds" {
+                copy_chart_without_crds(&src, &dst);
+            }
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+async fn helm(python: &Path, chart: &Path, op: &str, ns: &str, values: &serde_json::Value) {
+    use tokio::io::AsyncWriteExt as _;
+    let args = serde_json::json!({
+        "op": op, "chart": chart, "release": RELEASE, "namespace": ns, "values": values,
+    });
+    let mut child = tokio::process::Command::new(python)
+        .args(["-c", HELM])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(args.to_string().as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "helm {op}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn restarts(p: &Pod) -> i32 {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map(|c| c.iter().map(|c| c.restart_count).sum())
+        .unwrap_or(0)
+}
+
+/// The release's pods not being deleted.
+async fn live_pods(pods: &Api<Pod>) -> Vec<Pod> {
+    pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+fn describe(list: &[Pod]) -> String {
+    list.iter()
+        .map(|p| {
+            format!(
+                "{}: {}",
+                p.metadata.name.clone().unwrap_or_default(),
+                serde_json::to_string(&p.status).unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Waits for a pod matching `pred`, other than `not`; its name.
+async fn wait_pod(
+    pods: &Api<Pod>,
+    not: Option<&str>,
+    what: &str,
+    within: Duration,
+    pred: fn(&Pod) -> bool,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let list = live_pods(pods).await;
+        if let Some(p) = list
+            .iter()
+            .find(|p| p.metadata.name.as_deref() != not && pred(p))
+        {
+            return p.metadata.name.clone().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} pod within {within:?}:\n{}",
+            describe(&list)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn ready_pod(pods: &Api<Pod>, not: Option<&str>, within: Duration) -> String {
+    wait_pod(pods, not, "Ready", within, is_ready).await
+}
+
+async fn running_pod(pods: &Api<Pod>, not: &str, within: Duration) -> String {
+    wait_pod(pods, Some(not), "running", within, |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            })
+    })
+    .await
+}
+
+async fn wait_not_ready(pods: &Api<Pod>, name: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while is_ready(&pods.get(name).await.unwrap()) {
+        assert!(
+            Instant::now() < deadline,
+            "{name} still Ready {within:?} after its only peer went away"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The command lines of this machine's processes that hold `needle`.
+fn processes_showing(needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            found.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    found
+}
+
+/// The pid and command line of the pod's `serf agent` on this machine.
+fn agent_process(pod: &str) -> Option<(u32, String)> {
+    let node = format!("-node={pod}");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            (args.len() > 2
+                && args[0].ends_with("serf")
+                && args[1] == "agent"
+                && args.contains(&node))
+            .then(|| (pid, args.join(" ")))
+        })
+}
