@@ -94,6 +94,10 @@ pub struct SerfHandlerSpec {
     validation = kube::core::Rule::new("!has(self.agent) || has(self.job)")
         .message("agent is for job routes: it is given to the Job's containers")
 )]
+#[x_kube(
+    validation = kube::core::Rule::new("!has(self.report) || has(self.job)")
+        .message("report is for job routes: it reports each Job's outcome")
+)]
 pub struct Route {
     /// The route's name: a DNS label, unique in the handler. It appears in Job names, labels
     /// and status.
@@ -154,6 +158,45 @@ pub struct Route {
     /// node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentAccess>,
+
+    /// Report each Job's outcome back into Serf: when a Job of this route completes or
+    /// fails, the leader fires a Serf user event, once per Job (recorded on the Job before
+    /// it is sent, so a restart in between shows `Interrupted` rather than sending twice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<Report>,
+}
+
+/// The Serf user event that reports a Job's outcome.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("size(self.event) + size(self.payload) <= 512")
+        .message("a Serf user event's name and payload hold 512 bytes at most")
+)]
+pub struct Report {
+    /// The user event's name, e.g. `deploy-done`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[^\s,_][^\s,]*$"))]
+    pub event: String,
+
+    /// The payload: `$(VAR)` is replaced with `JOB_NAME`, `JOB_NAMESPACE`, `JOB_OUTCOME`
+    /// (`Succeeded` or `Failed`), `JOB_REASON` (why it failed, e.g.
+    /// `BackoffLimitExceeded`; empty when it succeeded), or a `SERF_*` value of the event that
+    /// launched the Job (`SERF_USER_EVENT`, `SERF_PAYLOAD`, ...); `$$(VAR)` is a literal
+    /// `$(VAR)`. Default: `$(JOB_NAMESPACE)/$(JOB_NAME) $(JOB_OUTCOME) $(JOB_REASON)`.
+    /// Expanded, name and payload must fit Serf's 512 bytes; a report that does not is
+    /// not sent, and the route's status says so.
+    #[serde(default = "default_report_payload")]
+    #[schemars(length(max = 512))]
+    pub payload: String,
+
+    /// Let Serf coalesce the report with others of the same name (`serf event
+    /// -coalesce`). Default false: every report is delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coalesce: Option<bool>,
+}
+
+fn default_report_payload() -> String {
+    "$(JOB_NAMESPACE)/$(JOB_NAME) $(JOB_OUTCOME) $(JOB_REASON)".into()
 }
 
 /// What answers a query taken by a `job` route.
@@ -265,6 +308,36 @@ pub struct RouteStatus {
     /// The latest event the route did not act on, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_skipped: Option<LastSkipped>,
+    /// Job outcomes reported into Serf (`report`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reported: i64,
+    /// The latest outcome reported, or the latest report that could not be sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reported: Option<LastReported>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// A Job outcome reported into Serf.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastReported {
+    /// The Job.
+    pub job: String,
+    /// `Succeeded` or `Failed`.
+    pub outcome: String,
+    /// `Sent`; or why not: `Interrupted` (the operator stopped between recording the
+    /// report and sending it; it is not sent again), `TooLarge`, `SendFailed`.
+    pub result: String,
+    /// The Serf user event, e.g. `deploy-done`.
+    pub event: String,
+    /// Details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When (RFC 3339).
+    pub time: String,
 }
 
 /// The latest event a route acted on.

@@ -7,9 +7,9 @@ pub mod schema;
 pub mod trigger;
 
 pub use handler::{
-    AgentAccess, ConcurrencyPolicy, LastMatched, LastSkipped, MemberItem, MembershipStatus,
-    QueryAnswer, Respond, Route, RouteStatus, SecretKey, SerfHandler, SerfHandlerSpec,
-    SerfHandlerStatus,
+    AgentAccess, ConcurrencyPolicy, LastMatched, LastReported, LastSkipped, MemberItem,
+    MembershipStatus, QueryAnswer, Report, Respond, Route, RouteStatus, SecretKey, SerfHandler,
+    SerfHandlerSpec, SerfHandlerStatus,
 };
 pub use schema::JobTemplate;
 pub use trigger::{

@@ -140,6 +140,22 @@ fn handler_rules() {
         {"name": "a", "events": "query", "respond": {"payload": "x"}, "agent": {"rpcAddr": "a:1"}},
     ]))).unwrap_err();
     assert!(err.contains("agent is for job routes"), "{err}");
+    check(
+        &schema,
+        handler(json!([
+            {"name": "a", "events": "user:deploy", "job": job(),
+             "report": {"event": "deploy-done", "payload": "$(JOB_NAME) $(JOB_OUTCOME)"}},
+        ])),
+    )
+    .unwrap();
+    let err = check(&schema, handler(json!([
+        {"name": "a", "events": "query", "respond": {"payload": "x"}, "report": {"event": "e", "payload": ""}},
+    ]))).unwrap_err();
+    assert!(err.contains("report is for job routes"), "{err}");
+    let err = check(&schema, handler(json!([
+        {"name": "a", "events": "user", "job": job(), "report": {"event": "e".repeat(100), "payload": "p".repeat(420)}},
+    ]))).unwrap_err();
+    assert!(err.contains("512 bytes at most"), "{err}");
     let route = &SerfHandler::crd().spec.versions[0]
         .schema
         .as_ref()

@@ -65,6 +65,7 @@ struct CompiledRoute {
     policy: ConcurrencyPolicy,
     action: RouteAction,
     answer: QueryAnswer,
+    report: bool,
 }
 
 struct CompiledHandler {
@@ -394,6 +395,7 @@ impl Router {
                 policy: r.concurrency_policy.unwrap_or_default(),
                 action,
                 answer: r.answer.unwrap_or_default(),
+                report: r.report.is_some(),
             });
         }
         CompiledHandler {
@@ -1242,7 +1244,7 @@ fn launch_or_skip(
     };
     Action::Launch(Box::new(build_launch(
         handler,
-        &route.name,
+        route,
         template,
         job_name,
         event,
@@ -1256,7 +1258,7 @@ fn launch_or_skip(
 #[allow(clippy::too_many_arguments)]
 fn build_launch(
     handler: &HandlerRef,
-    route: &str,
+    compiled: &CompiledRoute,
     template: &JobTemplateSpec,
     name: String,
     event: &Event,
@@ -1265,6 +1267,7 @@ fn build_launch(
     replayed: bool,
     replace: Vec<String>,
 ) -> Launch {
+    let route = compiled.name.as_str();
     let env = contract::environment(event, ctx.node);
     let event_name = match event {
         Event::User(u) => Some(u.name.as_str()),
@@ -1282,6 +1285,7 @@ fn build_launch(
         event_name,
         event_description: description,
         replayed,
+        report: compiled.report,
     });
     Launch {
         handler: handler.clone(),

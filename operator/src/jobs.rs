@@ -29,6 +29,10 @@ pub const LABEL_EVENT_NAME: &str = "serf.operator.io/event-name";
 pub const LABEL_REPLAYED: &str = "serf.operator.io/replayed";
 /// Annotation: the event, e.g. `user:deploy@42` or `member-failed:db-1`.
 pub const ANNOTATION_EVENT: &str = "serf.operator.io/event";
+/// Annotation of a Job whose route reports its outcome into Serf: `pending` at launch,
+/// `sending` once the report is recorded and about to be sent, then its result (`Sent`,
+/// `Interrupted`, `TooLarge`, `SendFailed`).
+pub const ANNOTATION_REPORT: &str = "serf.operator.io/report";
 /// Who manages the Jobs.
 pub const MANAGED_BY: &str = "serf-operator";
 
@@ -90,6 +94,8 @@ pub struct JobRequest<'a> {
     pub event_description: &'a str,
     /// Recovered after a reconnect.
     pub replayed: bool,
+    /// The route reports the Job's outcome into Serf.
+    pub report: bool,
 }
 
 /// Annotation of the Job's pod template holding the bytes of `/serf/stdin` (projected there
@@ -181,6 +187,9 @@ pub fn build(req: &JobRequest<'_>) -> (Job, Option<Secret>) {
     job_labels.extend(labels.clone());
     let mut annotations = template_meta.annotations.clone().unwrap_or_default();
     annotations.insert(ANNOTATION_EVENT.into(), req.event_description.to_string());
+    if req.report {
+        annotations.insert(ANNOTATION_REPORT.into(), "pending".into());
+    }
 
     let owner = req.handler.uid.as_ref().map(|uid| OwnerReference {
         api_version: format!(
@@ -403,6 +412,7 @@ mod tests {
                 event_name: Some("x"),
                 event_description: "user:x@1",
                 replayed: false,
+                report: false,
             });
             let c = &job.spec.unwrap().template.spec.unwrap().containers[0];
             let vars = c.env.as_ref().unwrap();

@@ -28,6 +28,7 @@ pub mod local;
 pub mod manifests;
 pub mod metrics;
 pub mod naming;
+pub mod report;
 pub mod run;
 pub mod state;
 pub mod status;

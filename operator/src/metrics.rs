@@ -65,6 +65,9 @@ pub struct Metrics {
     pub serf_reconnects: Counter,
     /// Trigger sends, by result.
     pub triggers_fired: Family<ResultLabel, Counter>,
+    /// Job outcomes reported into Serf, by result (Sent, Interrupted, TooLarge,
+    /// SendFailed).
+    pub reports: Family<ResultLabel, Counter>,
     /// 1 while this replica holds the lease (or runs alone).
     pub leader: Gauge,
     /// Leadership changes of this replica.
@@ -92,6 +95,7 @@ impl Metrics {
             serf_connected: Gauge::default(),
             serf_reconnects: Counter::default(),
             triggers_fired: Family::default(),
+            reports: Family::default(),
             leader: Gauge::default(),
             lease_transitions: Counter::default(),
             ready_serf: AtomicBool::new(false),
@@ -153,6 +157,11 @@ impl Metrics {
             "triggers_fired",
             "SerfEventTrigger sends, by result (sent, failed, retry, interrupted)",
             m.triggers_fired.clone(),
+        );
+        registry.register(
+            "reports",
+            "Job outcomes reported into Serf, by result",
+            m.reports.clone(),
         );
         registry.register(
             "leader",

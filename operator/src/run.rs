@@ -278,7 +278,7 @@ pub async fn run(
     // Controllers.
     let trigger_ctx = controller::trigger::TriggerContext::new(
         client.clone(),
-        serf_rx,
+        serf_rx.clone(),
         verdict.clone(),
         sinks.clone(),
     );
@@ -290,6 +290,9 @@ pub async fn run(
         ledger: ledger.clone(),
         call_timeout: cfg.call_timeout,
         recheck: cfg.flush_interval * 3,
+        serf: serf_rx,
+        sinks: sinks.clone(),
+        reported: Default::default(),
     });
     for ns in &scopes {
         let mut stop = stop_rx.clone();

@@ -9,7 +9,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serf_client::Member;
 use serf_operator_crds::{
-    LastMatched, LastSkipped, MemberItem, MembershipStatus, RouteStatus, SerfHandler,
+    LastMatched, LastReported, LastSkipped, MemberItem, MembershipStatus, RouteStatus, SerfHandler,
     SerfHandlerStatus,
 };
 
@@ -81,6 +81,19 @@ pub enum RouteEvent {
         reason: String,
         /// Details.
         message: String,
+    },
+    /// A Job's outcome was reported into Serf (or could not be).
+    Reported {
+        /// The Job.
+        job: String,
+        /// `Succeeded` or `Failed`.
+        outcome: String,
+        /// `Sent`, `Interrupted`, `TooLarge`, `SendFailed`.
+        result: String,
+        /// The Serf user event.
+        event: String,
+        /// Details.
+        message: Option<String>,
     },
 }
 
@@ -227,6 +240,25 @@ impl StatusBook {
                 });
             }
             RouteEvent::Coalesced => r.matched += 1,
+            RouteEvent::Reported {
+                job,
+                outcome,
+                result,
+                event,
+                message,
+            } => {
+                if result == "Sent" {
+                    r.reported += 1;
+                }
+                r.last_reported = Some(LastReported {
+                    job,
+                    outcome,
+                    result,
+                    event,
+                    message,
+                    time: now.into(),
+                });
+            }
             RouteEvent::Skipped { reason, message } => {
                 r.skipped += 1;
                 r.last_skipped = Some(LastSkipped {

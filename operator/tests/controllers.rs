@@ -328,6 +328,9 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
         ledger: ledger.clone(),
         call_timeout: Duration::from_secs(5),
         recheck: Duration::from_secs(3),
+        serf: watch::channel(None).1,
+        sinks: sinks().0,
+        reported: Default::default(),
     });
     let handler: Arc<SerfHandler> = Arc::new(serde_json::from_str(HANDLER).unwrap());
 
@@ -433,4 +436,199 @@ async fn a_schedule_fires_its_latest_tick_once_and_requeues_for_the_next() {
         Action::requeue(Duration::from_millis(500))
     );
     no_more_requests(&mut h).await;
+}
+
+/// A route's `report`: each finished Job's outcome goes into Serf once, recorded on the Job
+/// before the send; a Job found recorded but not sent (an earlier leader stopped between)
+/// is `Interrupted` and not sent; an unfinished Job waits. Then the same reconcile from a
+/// stale cache sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_outcomes_are_reported_into_serf_once() {
+    let cluster = Cluster::start(vec![AgentConfig::new("report-1")]).unwrap();
+    let addr = cluster[0].rpc_addr().to_string();
+    let op = serf_client::Client::connect(ClientConfig::new(addr.clone()))
+        .await
+        .unwrap();
+    let listener = serf_client::Client::connect(ClientConfig::new(addr))
+        .await
+        .unwrap();
+    let mut seen = listener.stream("user").await.unwrap();
+
+    let (client, mut h) = mock();
+    let (store, mut writer) = reflector::store::<Job>();
+    let job = |name: &str, annotation: &str, condition: Option<(&str, &str)>| -> Job {
+        serde_json::from_value(json!({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": "apps",
+                "annotations": {"serf.operator.io/report": annotation},
+                "labels": {"serf.operator.io/handler": "web", "serf.operator.io/route": "deploy",
+                           "app.kubernetes.io/managed-by": "serf-operator"}},
+            "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "x",
+                "env": [{"name": "SERF_USER_EVENT", "value": "deploy"},
+                        {"name": "SERF_PAYLOAD", "value": "v1.2.3"}]}]}}},
+            "status": {"conditions": condition.map(|(t, r)| vec![json!({"type": t, "status": "True", "reason": r,
+                "lastTransitionTime": "2026-11-23T10:00:00Z"})]).unwrap_or_default()}
+        }))
+        .unwrap()
+    };
+    for j in [
+        job("web-deploy-ok", "pending", Some(("Complete", ""))),
+        job(
+            "web-deploy-cut",
+            "sending",
+            Some(("Failed", "BackoffLimitExceeded")),
+        ),
+        job("web-deploy-running", "pending", None),
+    ] {
+        writer.apply_watcher_event(&watcher::Event::Apply(j));
+    }
+    let (status_tx, _status_rx) = mpsc::channel(16);
+    let (sinks, mut records) = sinks();
+    let metrics = sinks.metrics.clone();
+    let (_ltx, leader) = watch::channel(true);
+    let ctx = Arc::new(HandlerContext {
+        client,
+        leader,
+        status: status_tx,
+        jobs: vec![store],
+        ledger: Arc::new(Mutex::new(Ledger::default())),
+        call_timeout: Duration::from_secs(5),
+        recheck: Duration::from_secs(3),
+        serf: watch::channel(Some(op)).1,
+        sinks,
+        reported: Default::default(),
+    });
+    let handler: Arc<SerfHandler> = Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+            "metadata": {"name": "web", "namespace": "apps", "uid": "h-uid", "generation": 1},
+            "spec": {"routes": [{"name": "deploy", "events": "user:deploy",
+                "report": {"event": "deploy-done",
+                           "payload": "$(JOB_NAME) $(JOB_OUTCOME) $(JOB_REASON) for $(SERF_USER_EVENT) $(SERF_PAYLOAD)"},
+                "job": {"spec": {"template": {"spec": {"restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": "busybox"}]}}}}}]}
+        }))
+        .unwrap(),
+    );
+
+    let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
+    // Answer every annotation patch; collect them by Job.
+    let mut patches: Vec<(String, String)> = Vec::new();
+    while patches.len() < 3 {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
+            .await
+            .expect("a Job annotation patch")
+            .expect("service not called");
+        assert_eq!(req.method(), Method::PATCH);
+        let name = req.uri().path().rsplit('/').next().unwrap().to_string();
+        let body: Value =
+            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        let value = body["metadata"]["annotations"]["serf.operator.io/report"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        patches.push((name.clone(), value));
+        let reply = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": "apps"}});
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .unwrap(),
+        );
+    }
+    task.await.unwrap().unwrap();
+    no_more_requests(&mut h).await;
+    patches.sort();
+    assert_eq!(
+        patches,
+        [
+            ("web-deploy-cut".to_string(), "Interrupted".to_string()),
+            ("web-deploy-ok".to_string(), "Sent".to_string()),
+            ("web-deploy-ok".to_string(), "sending".to_string()),
+        ]
+    );
+    // Exactly one Serf event: the finished Job's outcome.
+    let ev = tokio::time::timeout(Duration::from_secs(10), seen.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match ev {
+        Event::User(u) => {
+            assert_eq!(u.name, "deploy-done");
+            assert_eq!(
+                String::from_utf8(u.payload).unwrap(),
+                "web-deploy-ok Succeeded  for deploy v1.2.3"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut results = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), records.recv()).await {
+        if let StatusMsg::Route {
+            what: serf_operator::status::RouteEvent::Reported { job, result, .. },
+            ..
+        } = m
+        {
+            results.push((job, result));
+        }
+    }
+    results.sort();
+    assert_eq!(
+        results,
+        [
+            ("web-deploy-cut".to_string(), "Interrupted".to_string()),
+            ("web-deploy-ok".to_string(), "Sent".to_string())
+        ]
+    );
+    let sent = metrics
+        .reports
+        .get_or_create(&serf_operator::metrics::ResultLabel {
+            result: "Sent".into(),
+        })
+        .get();
+    assert_eq!(sent, 1);
+
+    // The same reconcile again, from the stale cache (still `pending` / `sending`): this
+    // process sent them, so it writes the results again and sends nothing.
+    let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
+    let mut again = Vec::new();
+    while again.len() < 2 {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
+            .await
+            .unwrap()
+            .unwrap();
+        let name = req.uri().path().rsplit('/').next().unwrap().to_string();
+        let body: Value =
+            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        again.push((
+            name.clone(),
+            body["metadata"]["annotations"]["serf.operator.io/report"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        ));
+        let reply = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": "apps"}});
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .unwrap(),
+        );
+    }
+    task.await.unwrap().unwrap();
+    again.sort();
+    assert_eq!(
+        again,
+        [
+            ("web-deploy-cut".to_string(), "Interrupted".to_string()),
+            ("web-deploy-ok".to_string(), "Sent".to_string()),
+        ]
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), seen.next())
+            .await
+            .is_err(),
+        "nothing sent twice"
+    );
 }

@@ -93,6 +93,7 @@ impl Effects for Fake {
             RouteEvent::Answered => "answered".to_string(),
             RouteEvent::Coalesced => "coalesced".to_string(),
             RouteEvent::Skipped { reason, .. } => format!("skipped {reason}"),
+            RouteEvent::Reported { result, .. } => format!("reported {result}"),
         };
         self.log
             .push(format!("record {handler}/{route} {event} {what}"));

@@ -3,8 +3,8 @@
 //! writer, and, on the leader, prunes finished Jobs beyond the history limits, each only
 //! once the launch ledger records it (so its event cannot launch it again).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,11 +17,13 @@ use kube::{Api, Client};
 use serf_operator_crds::SerfHandler;
 use tokio::sync::{mpsc, watch};
 
-use crate::effects::SharedLedger;
+use crate::dispatch::{RouteEvent, Severity};
+use crate::effects::{SharedLedger, Sinks};
 use crate::engine::{DEFAULT_HISTORY_LIMIT, Router};
 use crate::error::{Error, kube_call};
 use crate::jobs::{HandlerRef, LABEL_HANDLER, LABEL_ROUTE, MANAGED_BY};
 use crate::ledger;
+use crate::report;
 use crate::state::StatusMsg;
 
 /// What every handler reconcile shares.
@@ -40,6 +42,14 @@ pub struct HandlerContext {
     pub call_timeout: Duration,
     /// How long after recording a Job in the ledger its deletion is tried again.
     pub recheck: Duration,
+    /// The current agent connection (Job outcomes are reported on it).
+    pub serf: watch::Receiver<Option<serf_client::Client>>,
+    /// Events and metrics.
+    pub sinks: Sinks,
+    /// Reports this process sent, by `namespace/job`, until the Job shows the result: a
+    /// reconcile that runs before the cache does must neither send again nor call the
+    /// report interrupted.
+    pub reported: Mutex<HashMap<String, String>>,
 }
 
 /// When a Job finished, and whether it succeeded.
@@ -76,6 +86,10 @@ pub fn beyond_history(h: &SerfHandler, jobs: &[Arc<Job>]) -> Vec<String> {
         if j.metadata.namespace.as_deref() != Some(href.namespace.as_str())
             || labels.get(LABEL_HANDLER) != Some(&handler_label)
         {
+            continue;
+        }
+        if report::outstanding(j) {
+            // Kept until its outcome is reported into Serf.
             continue;
         }
         if let (Some(route), Some((ok, t)), Some(name)) = (
@@ -125,9 +139,14 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
     }
     let href = HandlerRef::of(&h);
     let jobs: Vec<Arc<Job>> = ctx.jobs.iter().flat_map(|s| s.state()).collect();
+    let no_agent = report_outcomes(&h, &jobs, &ctx).await?;
     let prune = beyond_history(&h, &jobs);
     if prune.is_empty() {
-        return Ok(Action::await_change());
+        return Ok(if no_agent {
+            Action::requeue(ctx.recheck)
+        } else {
+            Action::await_change()
+        });
     }
     let loaded = ctx
         .ledger
@@ -187,6 +206,164 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
     } else {
         Action::await_change()
     })
+}
+
+/// Reports the outcome of every finished Job of `h` whose route has `report` and that is
+/// not reported yet: recorded on the Job (`sending`), then sent as a Serf user event, then
+/// the result recorded. A Job found `sending` that this process did not send is
+/// `Interrupted`: a previous leader stopped in between, and it is not sent again. True when
+/// a report waits for the agent connection.
+///
+/// # Errors
+/// A Job annotation the API server refused or did not answer.
+async fn report_outcomes(
+    h: &SerfHandler,
+    jobs: &[Arc<Job>],
+    ctx: &HandlerContext,
+) -> Result<bool, Error> {
+    let href = HandlerRef::of(h);
+    let handler_label = crate::naming::label_value(&href.name);
+    let mut no_agent = false;
+    for route in &h.spec.routes {
+        let Some(rep) = &route.report else { continue };
+        let route_label = crate::naming::label_value(&route.name);
+        for j in jobs {
+            let labels = j.metadata.labels.clone().unwrap_or_default();
+            if j.metadata.namespace.as_deref() != Some(href.namespace.as_str())
+                || labels.get(LABEL_HANDLER) != Some(&handler_label)
+                || labels.get(LABEL_ROUTE) != Some(&route_label)
+            {
+                continue;
+            }
+            let name = j.metadata.name.clone().unwrap_or_default();
+            let key = format!("{}/{name}", href.namespace);
+            let sent_here = ctx.reported.lock().ok().and_then(|m| m.get(&key).cloned());
+            let (ok, reason) = report::outcome(j).unwrap_or((false, String::new()));
+            let outcome = if ok { "Succeeded" } else { "Failed" }.to_string();
+            let span = tracing::info_span!("report", job = %name, route = %route.name);
+            let _g = span.enter();
+            match report::step(j, sent_here.as_deref()) {
+                report::Step::Nothing => {
+                    if sent_here.is_some()
+                        && !report::outstanding(j)
+                        && let Ok(mut m) = ctx.reported.lock()
+                    {
+                        m.remove(&key);
+                    }
+                }
+                report::Step::WriteResult(result) => {
+                    report::mark(&ctx.client, j, &result, ctx.call_timeout).await?;
+                }
+                report::Step::Interrupted => {
+                    report::mark(&ctx.client, j, "Interrupted", ctx.call_timeout).await?;
+                    if let Ok(mut m) = ctx.reported.lock() {
+                        m.insert(key, "Interrupted".into());
+                    }
+                    let message = "the operator stopped between recording this report and sending it; it is not sent again".to_string();
+                    tracing::warn!("{message}");
+                    reported(
+                        ctx,
+                        &href,
+                        route,
+                        rep,
+                        &name,
+                        &outcome,
+                        "Interrupted",
+                        Some(message),
+                    );
+                }
+                report::Step::Send => {
+                    let Some(serf) = ctx.serf.borrow().clone() else {
+                        no_agent = true;
+                        continue;
+                    };
+                    let (payload, fits) = report::payload(rep, j, ok, &reason);
+                    // Recorded before it is sent: a restart in between shows Interrupted.
+                    report::mark(&ctx.client, j, "sending", ctx.call_timeout).await?;
+                    let (result, message) = if !fits {
+                        (
+                            "TooLarge",
+                            Some(format!(
+                                "event {} with a {}-byte payload is over Serf's {} bytes; not sent",
+                                rep.event,
+                                payload.len(),
+                                report::USER_EVENT_LIMIT
+                            )),
+                        )
+                    } else {
+                        match serf
+                            .event(&rep.event, &payload, rep.coalesce.unwrap_or(false))
+                            .await
+                        {
+                            Ok(()) => ("Sent", None),
+                            Err(e) => ("SendFailed", Some(e.to_string())),
+                        }
+                    };
+                    if let Ok(mut m) = ctx.reported.lock() {
+                        m.insert(key, result.into());
+                    }
+                    tracing::info!(result, event = %rep.event, "Job outcome reported");
+                    reported(ctx, &href, route, rep, &name, &outcome, result, message);
+                    report::mark(&ctx.client, j, result, ctx.call_timeout).await?;
+                }
+            }
+        }
+    }
+    Ok(no_agent)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reported(
+    ctx: &HandlerContext,
+    href: &HandlerRef,
+    route: &serf_operator_crds::Route,
+    rep: &serf_operator_crds::Report,
+    job: &str,
+    outcome: &str,
+    result: &str,
+    message: Option<String>,
+) {
+    ctx.sinks
+        .metrics
+        .reports
+        .get_or_create(&crate::metrics::ResultLabel {
+            result: result.to_string(),
+        })
+        .inc();
+    let (severity, reason, note) = if result == "Sent" {
+        (
+            Severity::Normal,
+            "OutcomeReported",
+            format!(
+                "route {} reported Job {job} ({outcome}) as Serf event {}",
+                route.name, rep.event
+            ),
+        )
+    } else {
+        (
+            Severity::Warning,
+            "ReportNotSent",
+            format!(
+                "route {} did not report Job {job} ({outcome}): {result}: {}",
+                route.name,
+                message.clone().unwrap_or_default()
+            ),
+        )
+    };
+    ctx.sinks
+        .notify("SerfHandler", href, severity, reason, note);
+    ctx.sinks.record(
+        href,
+        &route.name,
+        &format!("job:{job}"),
+        RouteEvent::Reported {
+            job: job.to_string(),
+            outcome: outcome.to_string(),
+            result: result.to_string(),
+            event: rep.event.clone(),
+            message,
+        },
+    );
 }
 
 /// Backs off 5 s.
