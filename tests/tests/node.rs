@@ -420,3 +420,135 @@ async fn a_query_is_answered_by_a_real_jobs_output_and_a_job_calls_its_agent() {
         );
     }
 }
+
+/// Kubernetes → Serf: a Job's outcome comes back as a Serf event. A deploy Job that runs
+/// and exits 0 on the node is reported `Succeeded` to another agent, a failing one `Failed`
+/// with its reason; an operator restart afterwards sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_outcomes_reach_another_serf_node() {
+    let Some(client) = cluster_or_skip("the real-node suite").await else {
+        return;
+    };
+    let Some(image) = node_image_or_skip(&client, "the real-node suite").await else {
+        return;
+    };
+    install_crds(&client).await.unwrap();
+    let ns = TempNamespace::create(&client, "report").await.unwrap();
+    let ns = ns.name.clone();
+    wait_for_default_service_account(&client, &ns)
+        .await
+        .unwrap();
+    let work = std::env::temp_dir().join(format!("serf-e2e-report-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let log = work.join("operator.log");
+    eprintln!("operator log: {}", log.display());
+    let handler = serde_json::json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {"routes": [{
+            "name": "deploy", "events": "user:deploy",
+            "report": {"event": "deploy-done",
+                       "payload": "$(JOB_OUTCOME) $(JOB_REASON) $(SERF_PAYLOAD) $(JOB_NAMESPACE)/$(JOB_NAME)"},
+            "job": {"spec": {"backoffLimit": 0, "template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "deploy", "image": image, "imagePullPolicy": "IfNotPresent",
+                    // Exits with the code the payload asks for.
+                    "command": ["sh", "-c", "echo deploying $SERF_PAYLOAD; [ \"$SERF_PAYLOAD\" != broken ]"],
+                }],
+            }}}},
+        }]},
+    });
+    let hapi: Api<SerfHandler> = Api::namespaced(client.clone(), &ns);
+    hapi.patch(
+        "web",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&handler),
+    )
+    .await
+    .unwrap();
+    let op = Agent::start(AgentConfig::new("e2e-report-op").tag("role", "web"), &[]).unwrap();
+    let other = Agent::start(AgentConfig::new("e2e-report-other"), &[op.bind_addr()]).unwrap();
+    let watcher = serf_client::Client::connect(ClientConfig::new(other.rpc_addr().to_string()))
+        .await
+        .unwrap();
+    let mut reports = watcher.stream("user:deploy-done").await.unwrap();
+    let metrics = serf_testkit::free_port().unwrap();
+    let start = || {
+        OperatorProcess::start(
+            &[
+                "--namespaces",
+                &ns,
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics}"),
+            ],
+            &[
+                ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
+                ("POD_NAMESPACE", ns.clone()),
+                ("RUST_LOG", "info,serf_operator=debug".to_string()),
+            ],
+            log.clone(),
+        )
+        .unwrap()
+    };
+    let mut operator = start();
+    eventually("the operator's stream", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("following the Serf agent")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Sent from the other node, reported back to it.
+    watcher.event("deploy", b"v2", false).await.unwrap();
+    watcher.event("deploy", b"broken", false).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(120), reports.next())
+            .await
+            .expect("both outcomes reported within 2 minutes")
+            .unwrap()
+            .unwrap();
+        if let serf_client::Event::User(u) = ev {
+            let text = String::from_utf8(u.payload).unwrap();
+            eprintln!("report: {text}");
+            got.push(text);
+        }
+    }
+    got.sort();
+    assert!(
+        got[0].starts_with(&format!(
+            "Failed BackoffLimitExceeded broken {ns}/web-deploy-"
+        )),
+        "{got:?}"
+    );
+    assert!(
+        got[1].starts_with(&format!("Succeeded  v2 {ns}/web-deploy-")),
+        "{got:?}"
+    );
+    let status = eventually("the reports in status", Duration::from_secs(20), || async {
+        let r = hapi
+            .get("web")
+            .await
+            .ok()?
+            .status?
+            .routes
+            .into_iter()
+            .find(|r| r.name == "deploy")?;
+        (r.reported == 2).then_some(r)
+    })
+    .await;
+    assert_eq!(status.last_reported.unwrap().result, "Sent");
+    // A restart sends nothing again.
+    assert!(operator.terminate());
+    operator = start();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), reports.next())
+            .await
+            .is_err(),
+        "a restart reported an outcome again"
+    );
+    assert!(operator.terminate());
+}
