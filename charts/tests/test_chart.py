@@ -382,3 +382,32 @@ def test_server_dry_run(tmp_path):
         for ns in made:
             subprocess.run([kubectl, "delete", "namespace", ns, "--wait=false"],
                            capture_output=True)
+
+
+def test_rpc_for_jobs_only_when_enabled_and_only_with_auth():
+    # Off by default: the RPC stays on loopback, no Service, no policy.
+    docs = render(FULL)
+    assert not [d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-rpc")]
+    assert not by_kind(docs, "NetworkPolicy")
+    # Never without RPC auth.
+    with pytest.raises(helm_python.HelmError, match="needs serf.rpcAuthSecret"):
+        render({"serf": {"rpcForJobs": {"enabled": True}}})
+    values = {**FULL, "serf": {**FULL["serf"], "rpcForJobs": {"enabled": True}}}
+    docs = render(values)
+    cs, _ = containers(docs)
+    agent = cs["serf-agent"]
+    assert "-rpc-addr=0.0.0.0:7373" in agent["args"]
+    assert {"name": "rpc", "containerPort": 7373, "protocol": "TCP"} in agent["ports"]
+    # The operator, the probe and the leave still use loopback.
+    assert env(cs["operator"])["SERF_RPC_ADDR"] == "127.0.0.1:7373"
+    svc = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "serf-operator-rpc"][0]
+    assert svc["spec"]["ports"] == [{"name": "rpc", "port": 7373, "targetPort": "rpc", "protocol": "TCP"}]
+    pol = by_kind(docs, "NetworkPolicy")[0]
+    rpc_rule = [r for r in pol["spec"]["ingress"] if r["ports"] == [{"port": 7373, "protocol": "TCP"}]][0]
+    assert rpc_rule["from"][0]["podSelector"]["matchExpressions"] == [
+        {"key": "serf.operator.io/handler", "operator": "Exists"}]
+    values["serf"]["rpcForJobs"]["networkPolicy"] = False
+    assert not by_kind(render(values), "NetworkPolicy")
+    report = helm_python.lint(str(CHART), values, strict=True)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+
