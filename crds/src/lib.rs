@@ -14,7 +14,7 @@ pub use handler::{
 pub use schema::JobTemplate;
 pub use trigger::{
     Firing, QueryResponse, QueryResult, SerfEventTrigger, SerfEventTriggerSpec,
-    SerfEventTriggerStatus, TriggerEvent, TriggerQuery,
+    SerfEventTriggerStatus, TriggerEvent, TriggerQuery, TriggerWatch, WatchFired, WatchStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

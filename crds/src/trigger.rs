@@ -35,6 +35,10 @@ use serde::{Deserialize, Serialize};
     validation = kube::core::Rule::new("has(self.event) != has(self.query)")
         .message("a trigger fires exactly one of event or query")
 )]
+#[x_kube(
+    validation = kube::core::Rule::new("!has(self.watch) || (has(self.event) && !has(self.schedule))")
+        .message("a watch fires an event (not a query), on changes (not on a schedule)")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct SerfEventTriggerSpec {
     /// A user event to fire (`serf event`).
@@ -74,6 +78,46 @@ pub struct SerfEventTriggerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub starting_deadline_seconds: Option<i64>,
+
+    /// Fire `event` once per change of chosen fields of watched objects (any kind), instead
+    /// of once per generation: e.g. a ConfigMap's `.data`, a Deployment's
+    /// `.status.readyReplicas`. The event's payload is then a template: each `{...}` is a
+    /// kubectl JSONPath expression on the object, e.g. `{.metadata.name} {.data.version}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<TriggerWatch>,
+}
+
+/// The objects a trigger watches, and what counts as a change.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerWatch {
+    /// The kind's API version, e.g. `v1`, `apps/v1`.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^([a-z0-9.-]+/)?v[0-9a-z]+$")
+    )]
+    pub api_version: String,
+    /// The kind, e.g. `ConfigMap`, `Deployment`.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Z][A-Za-z0-9]*$"))]
+    pub kind: String,
+    /// The namespace to watch. Default: the trigger's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub namespace: Option<String>,
+    /// A label selector, as `kubectl -l` takes it (`app=web,tier!=db`). Default: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub selector: Option<String>,
+    /// The fields whose values count as a change: kubectl JSONPath expressions, e.g.
+    /// `{.data}`, `{.status.readyReplicas}`. Anything else (status churn, resyncs, other
+    /// fields) fires nothing.
+    #[schemars(length(min = 1, max = 16))]
+    pub fields: Vec<String>,
+    /// Changes to one object closer together than this fire once, with the newest state
+    /// (e.g. `2s`, `500ms`). Default 2s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub debounce: Option<String>,
 }
 
 /// A user event.
@@ -173,6 +217,37 @@ pub struct SerfEventTriggerStatus {
     /// shows `Sent=Unknown` (reason `Interrupted`) instead of sending twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firing: Option<Firing>,
+    /// For a watch: the objects watched and what was last fired for each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchStatus>,
+}
+
+/// What a watching trigger sees and fired.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchStatus {
+    /// Objects watched now.
+    #[serde(default)]
+    pub objects: i32,
+    /// The latest firings, newest first (at most 20; `firedCount` counts all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fired: Vec<WatchFired>,
+}
+
+/// One firing for one watched object.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchFired {
+    /// The object, `namespace/name`.
+    pub object: String,
+    /// When (RFC 3339).
+    pub time: String,
+    /// The payload sent (at most 256 bytes shown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub payload: String,
+    /// `Sent`, `Failed` (with Serf's error), or `Interrupted` (the operator stopped between
+    /// recording and sending; not sent again).
+    pub result: String,
 }
 
 /// A send in progress.

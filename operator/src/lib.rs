@@ -33,3 +33,4 @@ pub mod run;
 pub mod state;
 pub mod status;
 pub mod trigger;
+pub mod watch;

@@ -175,7 +175,7 @@ pub async fn send(spec: &SerfEventTriggerSpec, serf: Option<&serf_client::Client
     }
 }
 
-fn condition(
+pub(crate) fn condition(
     type_: &str,
     status: &str,
     reason: &str,
@@ -194,7 +194,7 @@ fn condition(
 }
 
 /// Keeps a transition time when the condition's status does not change.
-fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
+pub(crate) fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
     let mut out: BTreeMap<String, Condition> =
         old.iter().map(|c| (c.type_.clone(), c.clone())).collect();
     for mut c in new {

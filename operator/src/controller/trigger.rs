@@ -40,6 +40,8 @@ pub struct TriggerContext {
     /// runs before the cache shows the outcome must neither fire again nor call it
     /// interrupted.
     completed: Mutex<HashMap<Key, (i64, Option<String>)>>,
+    /// The running watch of each watching trigger, with the (uid, generation) it runs for.
+    watches: Mutex<HashMap<Key, (String, tokio::task::AbortHandle)>>,
 }
 
 impl TriggerContext {
@@ -57,7 +59,52 @@ impl TriggerContext {
             sinks,
             attempts: Mutex::default(),
             completed: Mutex::default(),
+            watches: Mutex::default(),
         })
+    }
+
+    /// Keeps one watch task running for `t`, started again when its spec changed or it
+    /// ended.
+    fn ensure_watch(&self, t: &Arc<SerfEventTrigger>) {
+        let k = key(t);
+        let spec = format!(
+            "{}:{}",
+            t.metadata.uid.clone().unwrap_or_default(),
+            t.metadata.generation.unwrap_or(0)
+        );
+        let Ok(mut watches) = self.watches.lock() else {
+            return;
+        };
+        if let Some((running, handle)) = watches.get(&k)
+            && *running == spec
+            && !handle.is_finished()
+        {
+            return;
+        }
+        if let Some((_, old)) = watches.remove(&k) {
+            old.abort();
+        }
+        let runner = crate::watch::Runner::new(
+            self.client.clone(),
+            self.serf.clone(),
+            self.sinks.clone(),
+            t.clone(),
+            Duration::from_secs(10),
+        );
+        let span = tracing::info_span!("watch", trigger = %format!("{}/{}", k.0, k.1));
+        let handle = tokio::spawn(tracing::Instrument::instrument(runner.run(), span));
+        tracing::info!(trigger = %format!("{}/{}", k.0, k.1), "watch started");
+        watches.insert(k, (spec, handle.abort_handle()));
+    }
+
+    /// Stops `t`'s watch task, if any (leadership lost, suspended, watch removed).
+    fn stop_watch(&self, k: &Key) {
+        if let Ok(mut watches) = self.watches.lock()
+            && let Some((_, handle)) = watches.remove(k)
+        {
+            handle.abort();
+            tracing::info!(trigger = %format!("{}/{}", k.0, k.1), "watch stopped");
+        }
     }
 
     fn result(&self, r: &str) {
@@ -105,11 +152,21 @@ pub async fn reconcile(
     t: Arc<SerfEventTrigger>,
     ctx: Arc<TriggerContext>,
 ) -> Result<Action, Error> {
+    let k = key(&t);
     if !*ctx.leader.borrow() {
         // A standby looks again when the leadership changes (reconcile_all_on).
+        ctx.stop_watch(&k);
         return Ok(Action::await_change());
     }
-    let k = key(&t);
+    if t.spec.watch.is_some() && !t.spec.suspend {
+        // Fired by its watch task, once per change of the watched objects.
+        ctx.ensure_watch(&t);
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    ctx.stop_watch(&k);
+    if t.spec.watch.is_some() {
+        return Ok(Action::await_change());
+    }
     let now = jiff::Timestamp::now();
     let now_s = now.to_string();
     let due = trigger::decide(&t, now);
