@@ -411,3 +411,19 @@ def test_rpc_for_jobs_only_when_enabled_and_only_with_auth():
     report = helm_python.lint(str(CHART), values, strict=True)
     assert not [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
 
+
+
+def test_watched_kinds_are_readable_and_nothing_more():
+    values = {"watchNamespaces": ["apps"],
+              "watchKinds": [{"apiGroup": "", "resources": ["configmaps"]},
+                             {"apiGroup": "apps", "resources": ["deployments", "statefulsets"]}]}
+    docs = render(values)
+    role = [d for d in by_kind(docs, "Role") if d["metadata"]["namespace"] == "apps"][0]
+    rules = [r for r in role["rules"] if r["verbs"] == ["get", "list", "watch"]]
+    assert {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]} in rules
+    assert {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets"],
+            "verbs": ["get", "list", "watch"]} in rules
+    for bad in ({"apiGroup": "*", "resources": ["pods"]}, {"apiGroup": "", "resources": ["*"]},
+                {"apiGroup": "", "resources": []}):
+        with pytest.raises(helm_python.HelmError):
+            render({"watchKinds": [bad]})

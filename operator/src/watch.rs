@@ -274,6 +274,9 @@ pub struct Runner {
     fired_count: i64,
     fired: Vec<WatchFired>,
     objects: usize,
+    /// The conditions as this runner last wrote them (the trigger it started from is not
+    /// updated).
+    conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 fn key(o: &DynamicObject) -> String {
@@ -297,20 +300,21 @@ impl Runner {
             fired_count: status.fired_count,
             fired: status.watch.map(|w| w.fired).unwrap_or_default(),
             objects: 0,
+            conditions: status.conditions,
             t,
             timeout,
         }
     }
 
     async fn status(
-        &self,
+        &mut self,
         extra: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
         last: Option<&str>,
     ) {
-        let status = self.t.status.clone().unwrap_or_default();
+        self.conditions = merge_conditions(&self.conditions, extra);
         let mut s = json!({
             "observedGeneration": self.t.metadata.generation.unwrap_or(0),
-            "conditions": merge_conditions(&status.conditions, extra),
+            "conditions": self.conditions,
             "firedCount": self.fired_count,
             "watch": {"objects": self.objects, "fired": self.fired},
         });
@@ -325,7 +329,7 @@ impl Runner {
         }
     }
 
-    async fn not_ready(&self, reason: &str, msg: String) {
+    async fn not_ready(&mut self, reason: &str, msg: String) {
         tracing::warn!(reason, "watch not running: {msg}");
         let g = self.t.metadata.generation.unwrap_or(0);
         let now = jiff::Timestamp::now().to_string();
@@ -404,10 +408,12 @@ impl Runner {
                     continue;
                 }
                 Err(_) => {
+                    tracing::warn!("API discovery timed out; retrying");
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     continue;
                 }
             };
+            tracing::debug!(plural = %ar.plural, "kind discovered");
             let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, &ar);
             let mut lp = ListParams::default().limit(1);
             if let Some(sel) = &w.selector {
@@ -425,16 +431,21 @@ impl Runner {
                         .await;
                     tokio::time::sleep(Duration::from_secs(30)).await;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_secs(5)).await,
+                Err(_) => {
+                    tracing::warn!("listing the watched kind timed out; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await
+                }
             }
         };
+        tracing::debug!("the watched kind is readable");
         let mut state = loop {
-            match read_state(&self.client, &self.t).await {
-                Ok(s) => break s,
-                Err(e) => {
+            match tokio::time::timeout(self.timeout, read_state(&self.client, &self.t)).await {
+                Ok(Ok(s)) => break s,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot read the watch state; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
+                Err(_) => tracing::warn!("reading the watch state timed out; retrying"),
             }
         };
         let mut baseline = state.as_ref().is_none_or(|s| s.spec != compiled.spec_key);

@@ -147,6 +147,9 @@ fn every_example_parses_and_has_valid_routes() {
         let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
         let t: serf_operator_crds::SerfEventTrigger = serde_yaml::from_str(&text).unwrap();
         assert!(t.spec.event.is_some() != t.spec.query.is_some());
+        if let (Some(w), Some(ev)) = (&t.spec.watch, &t.spec.event) {
+            serf_operator::watch::compile(w, ev.payload.as_deref().unwrap_or("")).unwrap();
+        }
     }
 }
 

@@ -62,4 +62,10 @@ or the pod's IP; the port is serf.bindPort unless given. */}}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- range .Values.watchKinds }}
+# Read for SerfEventTriggers that watch it (spec.watch).
+- apiGroups: [{{ .apiGroup | quote }}]
+  resources: {{ toJson .resources }}
+  verbs: ["get", "list", "watch"]
+{{- end }}
 {{- end -}}

@@ -91,7 +91,9 @@ impl TriggerContext {
             t.clone(),
             Duration::from_secs(10),
         );
-        let span = tracing::info_span!("watch", trigger = %format!("{}/{}", k.0, k.1));
+        // A task of its own, not part of this reconcile: a root span.
+        let span =
+            tracing::info_span!(parent: None, "watch", trigger = %format!("{}/{}", k.0, k.1));
         let handle = tokio::spawn(tracing::Instrument::instrument(runner.run(), span));
         tracing::info!(trigger = %format!("{}/{}", k.0, k.1), "watch started");
         watches.insert(k, (spec, handle.abort_handle()));
