@@ -3,7 +3,7 @@
 //! of their own talk to the API server. A full channel drops the work and counts it by
 //! reason, so an API server that hangs never stalls the event path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -521,13 +521,86 @@ impl Worker {
     }
 }
 
+/// client-go's spam filter defaults, per object: a burst of 25 Events, then one per 5
+/// minutes. A storm of Serf events must not turn into a storm of API writes; the route's
+/// status keeps the counts and the latest of each.
+const EVENT_BURST: f64 = 25.0;
+const EVENT_REFILL: Duration = Duration::from_secs(300);
+/// client-go's aggregator defaults: past 10 distinct notes of one reason on one object
+/// within 10 minutes, the rest are one series, "(combined from similar events)".
+const SIMILAR_MAX: u32 = 10;
+const SIMILAR_WINDOW: Duration = Duration::from_secs(600);
+
+/// The spam filter and aggregator in front of the Event recorder.
+#[derive(Default)]
+pub struct EventThrottle {
+    buckets: HashMap<String, (f64, Instant)>,
+    similar: HashMap<(String, &'static str), (Instant, u32)>,
+}
+
+impl EventThrottle {
+    /// Whether an Event on `object` may go out at `now` (takes a token).
+    pub fn admit(&mut self, object: &str, now: Instant) -> bool {
+        if self.buckets.len() > 10_000 {
+            self.buckets
+                .retain(|_, (_, t)| now.duration_since(*t) < EVENT_REFILL * 25);
+        }
+        let (tokens, last) = self
+            .buckets
+            .entry(object.to_string())
+            .or_insert((EVENT_BURST, now));
+        let refill = now.duration_since(*last).as_secs_f64() / EVENT_REFILL.as_secs_f64();
+        *tokens = (*tokens + refill).min(EVENT_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The action and note an Event goes out with: its own (one Event per distinct note),
+    /// or, past [`SIMILAR_MAX`] in the window, the combined series.
+    pub fn shape(
+        &mut self,
+        object: &str,
+        reason: &'static str,
+        note: &str,
+        now: Instant,
+    ) -> (String, String) {
+        if self.similar.len() > 10_000 {
+            self.similar
+                .retain(|_, (t, _)| now.duration_since(*t) < SIMILAR_WINDOW);
+        }
+        let e = self
+            .similar
+            .entry((object.to_string(), reason))
+            .or_insert((now, 0));
+        if now.duration_since(e.0) > SIMILAR_WINDOW {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        if e.1 > SIMILAR_MAX {
+            (
+                format!("{reason}-combined"),
+                format!("(combined from similar events): {note}"),
+            )
+        } else {
+            (event_action(reason, note), note.to_string())
+        }
+    }
+}
+
 /// Publishes Kubernetes Events from `rx` until it closes; each publish is bounded by
-/// `timeout`.
+/// `timeout`. Events past the spam filter are dropped (counted as
+/// `events_dropped_total{reason="event_rate_limited"}`).
 pub async fn publish_events(
     client: Client,
     pod_name: String,
     mut rx: mpsc::Receiver<EventReq>,
     timeout: Duration,
+    metrics: Arc<Metrics>,
 ) {
     let recorder = Recorder::new(
         client,
@@ -536,15 +609,23 @@ pub async fn publish_events(
             instance: Some(pod_name).filter(|s| !s.is_empty()),
         },
     );
+    let mut throttle = EventThrottle::default();
     while let Some(req) = rx.recv().await {
+        let now = Instant::now();
+        let object = format!("{}/{}/{}", req.kind, req.object.namespace, req.object.name);
+        let (action, note) = throttle.shape(&object, req.reason, &req.note, now);
+        if !throttle.admit(&object, now) {
+            metrics.dropped("event_rate_limited");
+            continue;
+        }
         let ev = KubeEvent {
             type_: match req.severity {
                 Severity::Normal => EventType::Normal,
                 Severity::Warning => EventType::Warning,
             },
             reason: req.reason.into(),
-            action: event_action(req.reason, &req.note),
-            note: Some(req.note.chars().take(1000).collect()),
+            action,
+            note: Some(note.chars().take(1000).collect()),
             secondary: None,
         };
         let target = object_ref(req.kind, &req.object);

@@ -234,6 +234,7 @@ pub async fn run(
         cfg.pod_name.clone(),
         events_rx,
         cfg.call_timeout,
+        metrics.clone(),
     ));
     let policy = RetryPolicy {
         deadline: cfg.launch_deadline,

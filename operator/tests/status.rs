@@ -254,6 +254,7 @@ async fn every_job_created_is_its_own_event_and_repeats_are_a_series() {
         "op-0".into(),
         rx,
         Duration::from_secs(5),
+        serf_operator::metrics::Metrics::new(),
     ));
     let notes = [
         "route deploy created Job web-deploy-1 for user:deploy@1",
@@ -307,4 +308,40 @@ async fn every_job_created_is_its_own_event_and_repeats_are_a_series() {
         "the same note again is a series on the first Event: {:?}",
         seen[2].1
     );
+}
+
+/// A storm of Serf events is not a storm of Event writes: per object, a burst of 25, then
+/// one per 5 minutes (client-go's spam filter); past 10 distinct notes of one reason in 10
+/// minutes, the rest are one combined series (client-go's aggregator).
+#[test]
+fn events_are_throttled_and_combined_per_object() {
+    use serf_operator::effects::EventThrottle;
+    use std::time::Instant;
+    let mut t = EventThrottle::default();
+    let now = Instant::now();
+    let mut admitted = 0;
+    let mut actions = std::collections::BTreeSet::new();
+    for i in 0..100 {
+        let note = format!("route deploy created Job web-deploy-{i} for user:deploy@{i}");
+        let (action, shaped) = t.shape("SerfHandler/apps/web", "JobCreated", &note, now);
+        if i >= 10 {
+            assert!(shaped.starts_with("(combined from similar events): "));
+        } else {
+            assert_eq!(shaped, note);
+        }
+        actions.insert(action);
+        if t.admit("SerfHandler/apps/web", now) {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 25);
+    assert_eq!(
+        actions.len(),
+        11,
+        "ten Events of their own, then one series"
+    );
+    // Another object has its own budget; the first gets a token back after 5 minutes.
+    assert!(t.admit("SerfHandler/apps/db", now));
+    assert!(!t.admit("SerfHandler/apps/web", now + Duration::from_secs(60)));
+    assert!(t.admit("SerfHandler/apps/web", now + Duration::from_secs(301)));
 }
