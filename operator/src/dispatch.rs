@@ -174,6 +174,8 @@ pub struct Dispatcher<E> {
     /// The agent had not joined anyone when its clock was read: read it again at the next
     /// member-join.
     epoch_check_pending: bool,
+    /// The (uid, generation) of every handler as last seen.
+    versions: std::collections::HashSet<(Option<String>, Option<i64>)>,
 }
 
 impl<E: Effects> Dispatcher<E> {
@@ -197,6 +199,7 @@ impl<E: Effects> Dispatcher<E> {
             effects,
             catch_up: true,
             epoch_check_pending: false,
+            versions: Default::default(),
         }
     }
 
@@ -237,6 +240,18 @@ impl<E: Effects> Dispatcher<E> {
     pub async fn control(&mut self, c: Control) {
         match c {
             Control::Handlers(handlers) => {
+                // Only the handlers that are new or changed get their member selection
+                // published (a change of one handler is not a write for every handler).
+                let versions: std::collections::HashSet<(Option<String>, Option<i64>)> =
+                    std::mem::take(&mut self.versions);
+                let mut changed = Vec::new();
+                for h in &handlers {
+                    let v = (h.metadata.uid.clone(), h.metadata.generation);
+                    if !versions.contains(&v) {
+                        changed.push(HandlerRef::of(h));
+                    }
+                    self.versions.insert(v);
+                }
                 self.handlers = handlers.iter().map(|h| HandlerRef::of(h)).collect();
                 let refs: Vec<&SerfHandler> = handlers.iter().map(|h| h.as_ref()).collect();
                 let compiled = self.engine.sync_handlers(&refs);
@@ -244,7 +259,7 @@ impl<E: Effects> Dispatcher<E> {
                 for e in self.engine.router().errors() {
                     tracing::debug!("{e}");
                 }
-                self.publish_membership();
+                self.publish_membership_for(&changed);
             }
             Control::Leader { leader, membership } => {
                 let became = leader && !self.leader;
@@ -549,6 +564,13 @@ impl<E: Effects> Dispatcher<E> {
     }
 
     fn publish_membership(&mut self) {
+        let all = self.handlers.clone();
+        self.publish_membership_for(&all);
+    }
+
+    /// Publishes the membership record and, for `handlers`, the members their filters
+    /// select.
+    fn publish_membership_for(&mut self, handlers: &[HandlerRef]) {
         let members: Vec<Member> = self
             .engine
             .membership()
@@ -571,8 +593,7 @@ impl<E: Effects> Dispatcher<E> {
                 )
             })
             .collect();
-        let selected: Vec<(HandlerRef, Vec<Member>)> = self
-            .handlers
+        let selected: Vec<(HandlerRef, Vec<Member>)> = handlers
             .iter()
             .map(|h| {
                 let ms = members

@@ -102,6 +102,7 @@ fn watch_into_store<K>(
     api: kube::Api<K>,
     cfg: watcher::Config,
     changed: Option<Arc<Notify>>,
+    strip: fn(&mut K),
 ) -> Store<K>
 where
     K: kube::Resource
@@ -116,10 +117,13 @@ where
     let (reader, writer) = reflector::store();
     let kind = K::kind(&Default::default()).to_string();
     set.spawn(
-        // Managed fields are never read: not kept in memory.
+        // Managed fields are never read: not kept in memory; nor what `strip` removes.
         reflector::reflector(
             writer,
-            watcher(api, cfg).modify(|o| o.meta_mut().managed_fields = None),
+            watcher(api, cfg).modify(move |o| {
+                o.meta_mut().managed_fields = None;
+                strip(o);
+            }),
         )
         .default_backoff()
         .for_each(move |r| {
@@ -171,12 +175,14 @@ pub async fn run(
             api_in(&client, ns),
             watcher::Config::default(),
             Some(handlers_changed.clone()),
+            |_| {},
         ));
         job_stores.push(watch_into_store(
             &mut watches,
             api_in(&client, ns),
             owned_jobs.clone(),
             None,
+            crate::jobs::strip_for_cache,
         ));
     }
     for s in &handler_stores {
@@ -294,6 +300,7 @@ pub async fn run(
         serf: serf_rx,
         sinks: sinks.clone(),
         reported: Default::default(),
+        validated: Default::default(),
     });
     for ns in &scopes {
         let mut stop = stop_rx.clone();

@@ -331,6 +331,7 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
         serf: watch::channel(None).1,
         sinks: sinks().0,
         reported: Default::default(),
+        validated: Default::default(),
     });
     let handler: Arc<SerfHandler> = Arc::new(serde_json::from_str(HANDLER).unwrap());
 
@@ -497,6 +498,7 @@ async fn job_outcomes_are_reported_into_serf_once() {
         serf: watch::channel(Some(op)).1,
         sinks,
         reported: Default::default(),
+        validated: Default::default(),
     });
     let handler: Arc<SerfHandler> = Arc::new(
         serde_json::from_value(json!({

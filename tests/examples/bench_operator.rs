@@ -1,7 +1,8 @@
 //! Operator benchmark against a real cluster (KUBECONFIG) and a real Serf agent. Prints, side
 //! by side: event-to-Job latency (stream arrival to the Job seen in a watch) next to a bare
 //! Job POST from the same client; sustained user events turned into Jobs (with a loss check)
-//! next to the API server's own create rate; the operator's RSS idle and with 1,000 handlers;
+//! next to the API server's own create rate (a minimal Job, and the very Jobs the operator
+//! makes, POSTed bare); the operator's RSS idle and with 1,000 handlers;
 //! the CPU 1,000 handler updates cost next to one full compile; and a soak at a fixed event
 //! rate (SOAK_SECS, default 600, 0 skips; SOAK_RATE events/s, default 5) with its RSS growth.
 //! Each figure is printed next to its baseline from the same run, with the ratio.
@@ -186,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 3. Sustained: fire events as fast as the agent takes them; count the Jobs.
     let start_count = count_before(&seen);
+    let sustained_cpu_before = cpu_ms(pid);
     let t0 = Instant::now();
     for i in 0..sustained {
         serf.event("burst", format!("{i}").as_bytes(), false)
@@ -198,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let took = t0.elapsed();
     let made = count_before(&seen) - start_count;
+    let sustained_cpu = cpu_ms(pid).saturating_sub(sustained_cpu_before);
 
     // 4. The API server's own create rate: 8 concurrent creators.
     let api_n = sustained;
@@ -220,6 +223,60 @@ async fn main() -> anyhow::Result<()> {
     }
     let api_rate = api_n as f64 / t1.elapsed().as_secs_f64();
 
+    // 4b. The same, with the very Job objects the operator creates (owner reference,
+    //     labels, annotations with /serf/stdin, the SERF_* environment, the stdin volume),
+    //     built by the operator's engine for the same kind of event.
+    let owner = hapi.get("bench").await?;
+    let mut engine = serf_operator::engine::Engine::new(
+        std::slice::from_ref(&owner),
+        serf_operator::engine::Membership::default(),
+    );
+    let node = serf_operator::contract::SelfNode {
+        name: "bench-op".into(),
+        tags: [("role".to_string(), "web".to_string())].into(),
+    };
+    let mut own_jobs = Vec::new();
+    for i in 0..api_n {
+        let ev = serf_client::Event::User(serf_client::UserEvent {
+            ltime: 1_000_000 + i as u64,
+            name: "burst".into(),
+            payload: format!("{i}").into_bytes(),
+            coalesce: false,
+        });
+        let o = engine.route(
+            &ev,
+            &serf_operator::engine::Context {
+                node: &node,
+                pod: ("", ""),
+                active: &serf_operator::engine::NoActiveJobs,
+                now: std::time::SystemTime::now(),
+                replayed: false,
+            },
+        );
+        if let Some(serf_operator::engine::Action::Launch(l)) = o.actions.into_iter().next() {
+            own_jobs.push(l.job);
+        }
+    }
+    let own_jobs = Arc::new(own_jobs);
+    let t2 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let japi = japi.clone();
+        let own_jobs = own_jobs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < own_jobs.len() {
+                let _ = japi.create(&PostParams::default(), &own_jobs[i]).await;
+                i += 8;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let own_rate = own_jobs.len() as f64 / t2.elapsed().as_secs_f64();
+
+    let rss_after_jobs = rss_kib(pid);
     // 5. RSS with 1,000 handlers loaded.
     for h in 0..1000 {
         let mut v = handler.clone();
@@ -366,6 +423,17 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "{:<44} {:>16} {:>26} {:>8}",
+        "  the same Jobs as the operator's, bare",
+        "",
+        format!("{own_rate:.0} bare creates, 8 conns"),
+        format!("{:.0}%", 100.0 * op_rate / own_rate)
+    );
+    println!(
+        "  (operator CPU for the sustained run: {sustained_cpu} ms, {:.0} µs a Job)",
+        sustained_cpu as f64 * 1000.0 / sustained.max(1) as f64
+    );
+    println!(
+        "{:<44} {:>16} {:>26} {:>8}",
         "1,000 handler updates (target < 10x)",
         format!("{updates_cpu} ms CPU"),
         format!("{:.0} ms full compile", full_compile.as_secs_f64() * 1e3),
@@ -384,6 +452,10 @@ async fn main() -> anyhow::Result<()> {
         format!("{rss_loaded} loaded"),
         format!("{rss_idle} idle"),
         format!("{:.1}x", rss_loaded as f64 / rss_idle as f64)
+    );
+    println!(
+        "  (RSS after the sustained run, before the handlers: {rss_after_jobs} KiB; the Jobs in the operator's cache then: {})",
+        count_before(&seen)
     );
     if let Some((secs, rate, sent, made, start, end, max)) = soak {
         println!(

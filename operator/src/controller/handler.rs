@@ -50,6 +50,8 @@ pub struct HandlerContext {
     /// reconcile that runs before the cache does must neither send again nor call the
     /// report interrupted.
     pub reported: Mutex<HashMap<String, String>>,
+    /// The generation each handler (by uid) was last validated at.
+    pub validated: Mutex<HashMap<Option<String>, Option<i64>>>,
 }
 
 /// When a Job finished, and whether it succeeded.
@@ -82,9 +84,11 @@ pub fn beyond_history(h: &SerfHandler, jobs: &[Arc<Job>]) -> Vec<String> {
     // route label → [(succeeded, finish time, name)]
     let mut by_route: BTreeMap<String, Vec<(bool, String, String)>> = BTreeMap::new();
     for j in jobs {
-        let labels = j.metadata.labels.clone().unwrap_or_default();
-        if j.metadata.namespace.as_deref() != Some(href.namespace.as_str())
-            || labels.get(LABEL_HANDLER) != Some(&handler_label)
+        let Some(labels) = j.metadata.labels.as_ref() else {
+            continue;
+        };
+        if labels.get(LABEL_HANDLER) != Some(&handler_label)
+            || j.metadata.namespace.as_deref() != Some(href.namespace.as_str())
         {
             continue;
         }
@@ -123,17 +127,32 @@ pub fn beyond_history(h: &SerfHandler, jobs: &[Arc<Job>]) -> Vec<String> {
 /// # Errors
 /// A ledger read or a Job deletion the API server refused or did not answer.
 pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<Action, Error> {
-    let errors = Router::new(std::slice::from_ref(&*h)).errors().to_vec();
-    for e in &errors {
-        tracing::warn!("{e}");
+    // Its routes are validated once per generation (a Job's change triggers this too).
+    let version = (h.metadata.uid.clone(), h.metadata.generation);
+    let validated = ctx
+        .validated
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&version.0).cloned())
+        == Some(version.1);
+    if !validated {
+        let errors = Router::new(std::slice::from_ref(&*h)).errors().to_vec();
+        for e in &errors {
+            tracing::warn!("{e}");
+        }
+        let sent = ctx
+            .status
+            .send(StatusMsg::Handler {
+                handler: h.clone(),
+                errors,
+            })
+            .await;
+        if sent.is_ok()
+            && let Ok(mut m) = ctx.validated.lock()
+        {
+            m.insert(version.0, version.1);
+        }
     }
-    let _ = ctx
-        .status
-        .send(StatusMsg::Handler {
-            handler: h.clone(),
-            errors,
-        })
-        .await;
     if !*ctx.leader.borrow() {
         return Ok(Action::await_change());
     }
@@ -228,7 +247,9 @@ async fn report_outcomes(
         let Some(rep) = &route.report else { continue };
         let route_label = crate::naming::label_value(&route.name);
         for j in jobs {
-            let labels = j.metadata.labels.clone().unwrap_or_default();
+            let Some(labels) = j.metadata.labels.as_ref() else {
+                continue;
+            };
             if j.metadata.namespace.as_deref() != Some(href.namespace.as_str())
                 || labels.get(LABEL_HANDLER) != Some(&handler_label)
                 || labels.get(LABEL_ROUTE) != Some(&route_label)
@@ -382,7 +403,10 @@ pub async fn run(
     let leader = super::on_leadership_change(ctx.leader.clone());
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    // Job status churn (every Job created, started, finished) triggers its handler: a
+    // burst folds into one reconcile a second.
     Controller::new(api, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
         .owns(jobs_api, owned)
         .reconcile_all_on(leader)
         .graceful_shutdown_on(shutdown)
