@@ -229,7 +229,8 @@ pub struct WatchStatus {
     /// Objects watched now.
     #[serde(default)]
     pub objects: i32,
-    /// The latest firings, newest first (at most 20; `firedCount` counts all).
+    /// What was last fired for each object, the most recent first (at most 20 objects;
+    /// `firedCount` counts all firings).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fired: Vec<WatchFired>,
 }

@@ -45,7 +45,7 @@ pub enum StatusMsg {
         /// Its route errors.
         errors: Vec<RouteError>,
     },
-    /// The handlers that exist (the status of any other is forgotten).
+    /// The handlers that exist (the status of one that existed and is gone is forgotten).
     Present(BTreeSet<(String, String)>),
     /// The members a handler's filters select.
     Members {
@@ -78,6 +78,8 @@ pub struct StateWriter {
     book: StatusBook,
     ledger: SharedLedger,
     uids: BTreeMap<(String, String), String>,
+    /// The handlers present at the last `Present`.
+    present: BTreeSet<(String, String)>,
     dropped_total: u64,
 }
 
@@ -90,6 +92,7 @@ impl StateWriter {
             book: StatusBook::default(),
             ledger,
             uids: BTreeMap::new(),
+            present: Default::default(),
             dropped_total: 0,
         }
     }
@@ -115,8 +118,13 @@ impl StateWriter {
                 }
             }
             StatusMsg::Present(keys) => {
-                self.book.retain(|k| keys.contains(k));
-                self.uids.retain(|k, _| keys.contains(k));
+                // Forget the handlers that were present and are gone (deleted); one the
+                // controller reported before the dispatcher's cache had it is kept.
+                let gone: BTreeSet<(String, String)> =
+                    self.present.difference(&keys).cloned().collect();
+                self.present = keys;
+                self.book.retain(|k| !gone.contains(k));
+                self.uids.retain(|k, _| !gone.contains(k));
             }
             StatusMsg::Members { handler, members } => {
                 let refs: Vec<&Member> = members.iter().collect();

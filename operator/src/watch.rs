@@ -353,6 +353,8 @@ impl Runner {
 
     fn record(&mut self, object: &str, payload: &str, result: &str, now: &str) {
         let shown: String = payload.chars().take(256).collect();
+        // One entry per object: what was last fired for it.
+        self.fired.retain(|f| f.object != object);
         self.fired.insert(
             0,
             WatchFired {

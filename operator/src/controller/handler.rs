@@ -26,6 +26,9 @@ use crate::ledger;
 use crate::report;
 use crate::state::StatusMsg;
 
+/// A handler's route errors and the generation they were found at.
+pub type Validated = (Option<i64>, Vec<crate::engine::RouteError>);
+
 /// What every handler reconcile shares.
 pub struct HandlerContext {
     /// The API client.
@@ -50,8 +53,8 @@ pub struct HandlerContext {
     /// reconcile that runs before the cache does must neither send again nor call the
     /// report interrupted.
     pub reported: Mutex<HashMap<String, String>>,
-    /// The generation each handler (by uid) was last validated at.
-    pub validated: Mutex<HashMap<Option<String>, Option<i64>>>,
+    /// Each handler's (by uid) route errors, and the generation they were found at.
+    pub validated: Mutex<HashMap<Option<String>, Validated>>,
 }
 
 /// When a Job finished, and whether it succeeded.
@@ -127,32 +130,34 @@ pub fn beyond_history(h: &SerfHandler, jobs: &[Arc<Job>]) -> Vec<String> {
 /// # Errors
 /// A ledger read or a Job deletion the API server refused or did not answer.
 pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<Action, Error> {
-    // Its routes are validated once per generation (a Job's change triggers this too).
+    // Its routes are validated once per generation (a Job's change triggers this too); the
+    // result goes to the state writer every time, which writes only what changed.
     let version = (h.metadata.uid.clone(), h.metadata.generation);
-    let validated = ctx
-        .validated
-        .lock()
-        .ok()
-        .and_then(|m| m.get(&version.0).cloned())
-        == Some(version.1);
-    if !validated {
-        let errors = Router::new(std::slice::from_ref(&*h)).errors().to_vec();
-        for e in &errors {
-            tracing::warn!("{e}");
+    let cached = ctx.validated.lock().ok().and_then(|m| {
+        m.get(&version.0)
+            .filter(|(g, _)| *g == version.1)
+            .map(|(_, e)| e.clone())
+    });
+    let errors = match cached {
+        Some(errors) => errors,
+        None => {
+            let errors = Router::new(std::slice::from_ref(&*h)).errors().to_vec();
+            for e in &errors {
+                tracing::warn!("{e}");
+            }
+            if let Ok(mut m) = ctx.validated.lock() {
+                m.insert(version.0, (version.1, errors.clone()));
+            }
+            errors
         }
-        let sent = ctx
-            .status
-            .send(StatusMsg::Handler {
-                handler: h.clone(),
-                errors,
-            })
-            .await;
-        if sent.is_ok()
-            && let Ok(mut m) = ctx.validated.lock()
-        {
-            m.insert(version.0, version.1);
-        }
-    }
+    };
+    let _ = ctx
+        .status
+        .send(StatusMsg::Handler {
+            handler: h.clone(),
+            errors,
+        })
+        .await;
     if !*ctx.leader.borrow() {
         return Ok(Action::await_change());
     }
@@ -403,10 +408,7 @@ pub async fn run(
     let leader = super::on_leadership_change(ctx.leader.clone());
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    // Job status churn (every Job created, started, finished) triggers its handler: a
-    // burst folds into one reconcile a second.
     Controller::new(api, watcher::Config::default())
-        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
         .owns(jobs_api, owned)
         .reconcile_all_on(leader)
         .graceful_shutdown_on(shutdown)
