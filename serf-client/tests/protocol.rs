@@ -420,3 +420,51 @@ proptest! {
         });
     }
 }
+
+/// At a query's deadline the agent closes the query's channels, and until its own timer
+/// fires its RPC loop sends the zero values it reads from them: acks and responses from no
+/// node, dozens under load. They are not answers.
+#[tokio::test]
+async fn acks_and_responses_from_no_node_are_not_answers() {
+    let (c, mut peer) = pair(|c| c).await;
+    let asking = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.query(&serf_client::QueryParams::new("where", Vec::new()))
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+        }
+    });
+    let (cmd, seq, _) = peer.request(true).await;
+    assert_eq!(cmd, "query");
+    let rec = |kind: &str, from: &str, payload: Option<&[u8]>| {
+        Value::Map(vec![
+            ("From".into(), from.into()),
+            (
+                "Payload".into(),
+                payload.map_or(Value::Nil, |p| Value::Binary(p.to_vec())),
+            ),
+            ("Type".into(), kind.into()),
+        ])
+    };
+    let mut frames = vec![header(seq, "")];
+    for r in [
+        rec("ack", "node1", None),
+        rec("response", "node1", Some(b"here")),
+        rec("response", "", None),
+        rec("ack", "", None),
+        rec("response", "", None),
+        rec("done", "", None),
+    ] {
+        frames.push(header(seq, ""));
+        frames.push(r);
+    }
+    peer.send(&frames).await;
+    let out = asking.await.unwrap();
+    assert_eq!(out.acks, ["node1"]);
+    assert_eq!(out.responses, [("node1".to_string(), b"here".to_vec())]);
+    assert!(out.complete);
+}

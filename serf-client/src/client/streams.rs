@@ -262,23 +262,38 @@ pub struct QueryOutcome {
 
 impl QueryStream {
     /// The next ack or response; [`QueryRecord::Done`] at the deadline, then `None`.
+    ///
+    /// Acks and responses from no node (an empty `From`) are skipped: at the deadline the
+    /// agent closes the query's channels, and until its own timer fires its RPC loop reads
+    /// zero values from them and sends each as an ack or a response. Under load that is
+    /// dozens of `("", [])` records after the real ones.
     pub async fn next(&mut self) -> Option<Result<QueryRecord>> {
-        if self.done {
-            return None;
-        }
-        match self.raw.next().await {
-            Some(r) => {
-                let rec = r.and_then(|b| QueryRecord::decode(&b));
-                if matches!(rec, Ok(QueryRecord::Done)) {
-                    self.done = true;
-                    self.raw.open = false;
-                }
-                Some(rec)
+        loop {
+            if self.done {
+                return None;
             }
-            None => {
-                // The agent's `done` was lost to a full buffer; the stream did end.
-                self.done = true;
-                None
+            match self.raw.next().await {
+                Some(r) => {
+                    let rec = r.and_then(|b| QueryRecord::decode(&b));
+                    match &rec {
+                        Ok(QueryRecord::Done) => {
+                            self.done = true;
+                            self.raw.open = false;
+                        }
+                        Ok(QueryRecord::Ack { from } | QueryRecord::Response { from, .. })
+                            if from.is_empty() =>
+                        {
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    return Some(rec);
+                }
+                None => {
+                    // The agent's `done` was lost to a full buffer; the stream did end.
+                    self.done = true;
+                    return None;
+                }
             }
         }
     }
