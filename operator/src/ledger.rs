@@ -156,36 +156,66 @@ impl Ledger {
 /// # Errors
 /// Any API error but 404.
 pub async fn read_ledger(client: &Client, h: &HandlerRef) -> Result<String, kube::Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &h.namespace);
-    Ok(api
-        .get_opt(&ledger_name(&h.name))
-        .await?
-        .and_then(|cm| cm.data)
-        .and_then(|mut d| d.remove(DATA_KEY))
-        .unwrap_or_default())
+    Ok(
+        read_key(client, &h.namespace, &ledger_name(&h.name), DATA_KEY)
+            .await?
+            .unwrap_or_default(),
+    )
 }
 
-/// Writes a handler's ledger ConfigMap (server-side apply), owned by the handler.
+/// One key of a ConfigMap; `None` when the ConfigMap or the key is absent.
+///
+/// # Errors
+/// Any API error but 404.
+pub async fn read_key(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+) -> Result<Option<String>, kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    Ok(api
+        .get_opt(name)
+        .await?
+        .and_then(|cm| cm.data)
+        .and_then(|mut d| d.remove(key)))
+}
+
+/// An owner reference to one of this project's objects (`SerfHandler`, `SerfEventTrigger`).
+pub fn owner(kind: &str, name: &str, uid: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": format!("{}/{}", serf_operator_crds::GROUP, serf_operator_crds::VERSION),
+        "kind": kind, "name": name, "uid": uid,
+    })
+}
+
+/// Writes one key of a ConfigMap by server-side apply (field manager `serf-operator`),
+/// labelled as the operator's (plus `labels`) and owned by `owner` when given.
 ///
 /// # Errors
 /// The API error.
-pub async fn write_ledger(client: &Client, h: &HandlerRef, text: &str) -> Result<(), kube::Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &h.namespace);
-    let mut meta = json!({
-        "name": ledger_name(&h.name),
-        "namespace": h.namespace,
-        "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY,
-                   crate::jobs::LABEL_HANDLER: crate::naming::label_value(&h.name)},
-    });
-    if let Some(uid) = &h.uid {
-        meta["ownerReferences"] = json!([{
-            "apiVersion": format!("{}/{}", serf_operator_crds::GROUP, serf_operator_crds::VERSION),
-            "kind": "SerfHandler", "name": h.name, "uid": uid,
-        }]);
+pub async fn write_key(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    labels: serde_json::Value,
+    owner: Option<serde_json::Value>,
+    key: &str,
+    text: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let mut all = json!({"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY});
+    if let (Some(all), Some(more)) = (all.as_object_mut(), labels.as_object()) {
+        all.extend(more.clone());
     }
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {DATA_KEY: text}});
+    let mut meta = json!({"name": name, "namespace": namespace, "labels": all});
+    if let Some(o) = owner {
+        meta["ownerReferences"] = json!([o]);
+    }
+    let cm =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {key: text}});
     api.patch(
-        &ledger_name(&h.name),
+        name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(cm),
     )
@@ -193,21 +223,37 @@ pub async fn write_ledger(client: &Client, h: &HandlerRef, text: &str) -> Result
     .map(|_| ())
 }
 
+/// Writes a handler's ledger ConfigMap (server-side apply), owned by the handler.
+///
+/// # Errors
+/// The API error.
+pub async fn write_ledger(client: &Client, h: &HandlerRef, text: &str) -> Result<(), kube::Error> {
+    write_key(
+        client,
+        &h.namespace,
+        &ledger_name(&h.name),
+        json!({crate::jobs::LABEL_HANDLER: crate::naming::label_value(&h.name)}),
+        h.uid
+            .as_deref()
+            .map(|uid| owner("SerfHandler", &h.name, uid)),
+        DATA_KEY,
+        text,
+    )
+    .await
+}
+
 /// Name of the ConfigMap holding the membership last acted on.
 pub const MEMBERSHIP_CONFIGMAP: &str = "serf-operator-membership";
+const MEMBERSHIP_KEY: &str = "membership.json";
 
 /// Reads the persisted membership (empty when absent).
 ///
 /// # Errors
 /// Any API error but 404, or a record that does not decode.
 pub async fn read_membership(client: &Client, namespace: &str) -> Result<Membership, Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    match api
-        .get_opt(MEMBERSHIP_CONFIGMAP)
+    match read_key(client, namespace, MEMBERSHIP_CONFIGMAP, MEMBERSHIP_KEY)
         .await
         .map_err(|e| Error::kube("read the membership record", e))?
-        .and_then(|cm| cm.data)
-        .and_then(|mut d| d.remove("membership.json"))
     {
         Some(text) => serde_json::from_str(&text).map_err(|e| Error::Corrupt {
             what: format!("ConfigMap {MEMBERSHIP_CONFIGMAP}"),
@@ -230,21 +276,17 @@ pub async fn write_membership(
         what: "the membership record".into(),
         message: e.to_string(),
     })?;
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let cm = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": MEMBERSHIP_CONFIGMAP, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}},
-        "data": {"membership.json": text},
-    });
-    api.patch(
+    write_key(
+        client,
+        namespace,
         MEMBERSHIP_CONFIGMAP,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(cm),
+        json!({}),
+        None,
+        MEMBERSHIP_KEY,
+        &text,
     )
     .await
-    .map_err(|e| Error::kube("write the membership record", e))?;
-    Ok(())
+    .map_err(|e| Error::kube("write the membership record", e))
 }
 
 #[cfg(test)]

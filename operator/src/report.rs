@@ -31,18 +31,22 @@ pub enum Step {
 
 /// The Job's outcome once it has finished: succeeded, and why it failed.
 pub fn outcome(job: &Job) -> Option<(bool, String)> {
-    let status = job.status.as_ref()?;
-    for c in status.conditions.iter().flatten() {
-        if c.status != "True" {
-            continue;
-        }
-        match c.type_.as_str() {
-            "Complete" => return Some((true, String::new())),
-            "Failed" => return Some((false, c.reason.clone().unwrap_or_default())),
-            _ => {}
-        }
-    }
-    None
+    let c = finish_condition(job)?;
+    Some(if c.type_ == "Complete" {
+        (true, String::new())
+    } else {
+        (false, c.reason.clone().unwrap_or_default())
+    })
+}
+
+/// A finished Job's `Complete` or `Failed` condition (status True).
+pub fn finish_condition(job: &Job) -> Option<&k8s_openapi::api::batch::v1::JobCondition> {
+    job.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed"))
 }
 
 /// The report annotation's value.

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
@@ -217,7 +216,7 @@ fn state_name(trigger: &str) -> String {
     format!("{trigger}-serf-watch")
 }
 
-/// Reads the trigger's watch state (`None` when there is none yet).
+/// Reads the trigger's watch state (`None` when there is none yet, or it does not decode).
 ///
 /// # Errors
 /// The API call failed.
@@ -225,13 +224,14 @@ pub async fn read_state(
     client: &Client,
     t: &SerfEventTrigger,
 ) -> Result<Option<State>, kube::Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &t.namespace().unwrap_or_default());
-    Ok(api
-        .get_opt(&state_name(&t.name_any()))
-        .await?
-        .and_then(|cm| cm.data)
-        .and_then(|mut d| d.remove(STATE_KEY))
-        .and_then(|text| serde_json::from_str(&text).ok()))
+    let text = crate::ledger::read_key(
+        client,
+        &t.namespace().unwrap_or_default(),
+        &state_name(&t.name_any()),
+        STATE_KEY,
+    )
+    .await?;
+    Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
 }
 
 /// Writes the trigger's watch state (server-side apply; owned by the trigger).
@@ -243,25 +243,20 @@ pub async fn write_state(
     t: &SerfEventTrigger,
     state: &State,
 ) -> Result<(), kube::Error> {
-    let ns = t.namespace().unwrap_or_default();
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let mut meta = json!({"name": state_name(&t.name_any()), "namespace": ns,
-        "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}});
-    if let Some(uid) = &t.metadata.uid {
-        meta["ownerReferences"] = json!([{
-            "apiVersion": format!("{}/{}", serf_operator_crds::GROUP, serf_operator_crds::VERSION),
-            "kind": "SerfEventTrigger", "name": t.name_any(), "uid": uid,
-        }]);
-    }
-    let text = serde_json::to_string(state).unwrap_or_default();
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {STATE_KEY: text}});
-    api.patch(
-        &state_name(&t.name_any()),
-        &PatchParams::apply(crate::ledger::FIELD_MANAGER).force(),
-        &Patch::Apply(cm),
+    let name = t.name_any();
+    crate::ledger::write_key(
+        client,
+        &t.namespace().unwrap_or_default(),
+        &state_name(&name),
+        json!({}),
+        t.metadata
+            .uid
+            .as_deref()
+            .map(|uid| crate::ledger::owner("SerfEventTrigger", &name, uid)),
+        STATE_KEY,
+        &serde_json::to_string(state).unwrap_or_default(),
     )
     .await
-    .map(|_| ())
 }
 
 /// The running task of one watching trigger.

@@ -177,6 +177,52 @@ impl OperatorProcess {
         })
     }
 
+    /// `serf-operator run` as the suites start it: serving namespace `ns` (its state lives
+    /// there too), following the agent at `rpc`, metrics on 127.0.0.1:`metrics`, debug logs
+    /// appended to `log`.
+    ///
+    /// # Errors
+    /// The process cannot start.
+    pub fn in_namespace(
+        ns: &str,
+        rpc: std::net::SocketAddr,
+        metrics: u16,
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        Self::start(
+            &[
+                "--namespaces",
+                ns,
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics}"),
+            ],
+            &[
+                ("SERF_RPC_ADDR", rpc.to_string()),
+                ("POD_NAMESPACE", ns.to_string()),
+                ("RUST_LOG", "info,serf_operator=debug".to_string()),
+            ],
+            log,
+        )
+    }
+
+    /// Waits (30 s at most) until the log shows the operator following its agent `times`
+    /// times in all: each start and each reconnect is one.
+    pub async fn following(&self, times: usize) {
+        eventually(
+            "the operator following its agent",
+            Duration::from_secs(30),
+            || async {
+                (std::fs::read_to_string(&self.log)
+                    .unwrap_or_default()
+                    .matches("following the Serf agent")
+                    .count()
+                    >= times)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -274,19 +320,30 @@ pub async fn node_image_or_skip(client: &Client, suite: &str) -> Option<String> 
         return Some(image);
     }
     let local = "localhost/busybox:static";
-    let has_local = ready.iter().any(|n| {
-        n.status
-            .as_ref()
-            .and_then(|s| s.images.as_ref())
-            .is_some_and(|imgs| {
-                imgs.iter().any(|i| {
-                    i.names
-                        .as_ref()
-                        .is_some_and(|n| n.iter().any(|x| x.ends_with(local)))
-                })
-            })
-    });
+    let has_local = ready.iter().any(|n| holds_image(n, local));
     Some(if has_local { local } else { "busybox:1.36" }.to_string())
+}
+
+fn holds_image(node: &Node, image: &str) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.images.as_ref())
+        .is_some_and(|imgs| {
+            imgs.iter().any(|i| {
+                i.names
+                    .as_ref()
+                    .is_some_and(|n| n.iter().any(|x| x.ends_with(image)))
+            })
+        })
+}
+
+/// Whether a node of the cluster holds `image` (so a Pod can use it without a registry).
+pub async fn node_has_image(client: &Client, image: &str) -> bool {
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .list(&ListParams::default())
+        .await
+        .is_ok_and(|l| l.items.iter().any(|n| holds_image(n, image)))
 }
 
 /// Waits (30 s at most) for the `default` ServiceAccount of `ns`, without which no Pod can be

@@ -97,40 +97,6 @@ fn peer(name: &str, dir: &Path) -> (AgentConfig, PathBuf) {
     )
 }
 
-fn operator(op: &Agent, ns: &str, metrics: u16, log: &Path) -> OperatorProcess {
-    OperatorProcess::start(
-        &[
-            "--namespaces",
-            ns,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-        ],
-        &[
-            ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
-            ("POD_NAMESPACE", ns.to_string()),
-            ("RUST_LOG", "info,serf_operator=debug".to_string()),
-        ],
-        log.to_path_buf(),
-    )
-    .unwrap()
-}
-
-async fn following(log: &Path, times: usize) {
-    eventually(
-        "the operator follows its agent",
-        Duration::from_secs(30),
-        || async {
-            (std::fs::read_to_string(log)
-                .unwrap_or_default()
-                .matches("following the Serf agent")
-                .count()
-                >= times)
-                .then_some(())
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_and_replacements_fire_nothing_twice_and_a_new_epoch_is_kept_apart() {
     let Some(client) = cluster_or_skip("the life-cycle suite").await else {
@@ -161,8 +127,9 @@ async fn restarts_and_replacements_fire_nothing_twice_and_a_new_epoch_is_kept_ap
     let mut a = Agent::start(cfg_a, &[op.bind_addr()]).unwrap();
     let mut b = Agent::start(cfg_b, &[op.bind_addr()]).unwrap();
     let metrics = serf_testkit::free_port().unwrap();
-    let mut operator_proc = operator(&op, &ns, metrics, &log);
-    following(&log, 1).await;
+    let mut operator_proc =
+        OperatorProcess::in_namespace(&ns, op.rpc_addr(), metrics, log.clone()).unwrap();
+    operator_proc.following(1).await;
 
     // The first connect finds three members it never saw: their joins, once.
     let start = eventually(
@@ -192,7 +159,7 @@ async fn restarts_and_replacements_fire_nothing_twice_and_a_new_epoch_is_kept_ap
     let peers_before = (seen_by(&log_a).len(), seen_by(&log_b).len());
     op.kill().unwrap();
     op.restart(&[a.bind_addr(), b.bind_addr()]).unwrap();
-    following(&log, 2).await;
+    operator_proc.following(2).await;
     // Serf's member-event coalescing (up to 5 s), then the operator's routing.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let after_agent = all_jobs(&client, &ns).await;
@@ -219,8 +186,9 @@ async fn restarts_and_replacements_fire_nothing_twice_and_a_new_epoch_is_kept_ap
         operator_proc.terminate(),
         "SIGTERM ends the operator with 0"
     );
-    operator_proc = operator(&op, &ns, metrics, &log);
-    following(&log, 3).await;
+    operator_proc =
+        OperatorProcess::in_namespace(&ns, op.rpc_addr(), metrics, log.clone()).unwrap();
+    operator_proc.following(3).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         all_jobs(&client, &ns).await,
@@ -255,7 +223,7 @@ async fn restarts_and_replacements_fire_nothing_twice_and_a_new_epoch_is_kept_ap
     op.restart(&[]).unwrap();
     a.restart(&[op.bind_addr()]).unwrap();
     b.restart(&[op.bind_addr()]).unwrap();
-    following(&log, 4).await;
+    operator_proc.following(4).await;
     let serf = serf_client::Client::connect(ClientConfig::new(op.rpc_addr().to_string()))
         .await
         .unwrap();

@@ -34,24 +34,30 @@ printf 'HEX=%s\n' "`od -An -tx1 /serf/stdin | tr -d ' \n'`"
 printf 'STDIN='
 [ -n "$SERF_PAYLOAD_BASE64" ] || cat /serf/stdin"#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_payloads_reach_a_real_container_unchanged() {
-    let Some(client) = cluster_or_skip("the real-node suite").await else {
-        return;
-    };
-    let Some(image) = node_image_or_skip(&client, "the real-node suite").await else {
-        return;
-    };
+/// What each test here starts from: the cluster, the image its Jobs run, a fresh namespace
+/// (deleted when dropped) and the operator's log file. `None`, after a loud SKIPPED, without
+/// a cluster or a Ready node.
+async fn setup(tag: &str) -> Option<(kube::Client, String, TempNamespace, std::path::PathBuf)> {
+    let client = cluster_or_skip("the real-node suite").await?;
+    let image = node_image_or_skip(&client, "the real-node suite").await?;
     install_crds(&client).await.unwrap();
-    let ns = TempNamespace::create(&client, "node").await.unwrap();
-    let ns = ns.name.clone();
-    wait_for_default_service_account(&client, &ns)
+    let ns = TempNamespace::create(&client, tag).await.unwrap();
+    wait_for_default_service_account(&client, &ns.name)
         .await
         .unwrap();
-    let work = std::env::temp_dir().join(format!("serf-e2e-node-{}", std::process::id()));
+    let work = std::env::temp_dir().join(format!("serf-e2e-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let log = work.join("operator.log");
     eprintln!("operator log: {}", log.display());
+    Some((client, image, ns, log))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_payloads_reach_a_real_container_unchanged() {
+    let Some((client, image, ns_guard, log)) = setup("node").await else {
+        return;
+    };
+    let ns = ns_guard.name.clone();
 
     // A Secret the template reads with envFrom: its variables are defined before every
     // `env` entry, so an unescaped `$(DB_PASSWORD)` in a Serf value would be replaced.
@@ -103,28 +109,8 @@ async fn hostile_payloads_reach_a_real_container_unchanged() {
     )
     .unwrap();
     let metrics = serf_testkit::free_port().unwrap();
-    let _operator = OperatorProcess::start(
-        &[
-            "--namespaces",
-            &ns,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-        ],
-        &[
-            ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
-            ("POD_NAMESPACE", ns.clone()),
-            ("RUST_LOG", "info,serf_operator=debug".to_string()),
-        ],
-        log.clone(),
-    )
-    .unwrap();
-    eventually("the operator's stream", Duration::from_secs(30), || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("following the Serf agent")
-            .then_some(())
-    })
-    .await;
+    let operator = OperatorProcess::in_namespace(&ns, op.rpc_addr(), metrics, log.clone()).unwrap();
+    operator.following(1).await;
     // The handler's routes are compiled once the operator's cache holds it.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -227,55 +213,20 @@ async fn output_of(client: &kube::Client, ns: &str, event: &str) -> String {
         .unwrap()
 }
 
-/// Whether a Ready node holds `image` (so a Pod can use it without a registry).
-async fn node_has_image(client: &kube::Client, image: &str) -> bool {
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    nodes
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items.iter().any(|n| {
-                n.status
-                    .as_ref()
-                    .and_then(|s| s.images.as_ref())
-                    .is_some_and(|imgs| {
-                        imgs.iter().any(|i| {
-                            i.names
-                                .as_ref()
-                                .is_some_and(|ns| ns.iter().any(|x| x.ends_with(image)))
-                        })
-                    })
-            })
-        })
-        .unwrap_or(false)
-}
-
 /// A real query answered by a real Job's output on the node (as Serf answers with its
 /// handler's output), and a Job that calls the agent it was given (`serf members`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_is_answered_by_a_real_jobs_output_and_a_job_calls_its_agent() {
-    let Some(client) = cluster_or_skip("the real-node suite").await else {
+    let Some((client, image, ns_guard, log)) = setup("answer").await else {
         return;
     };
-    let Some(image) = node_image_or_skip(&client, "the real-node suite").await else {
-        return;
-    };
-    install_crds(&client).await.unwrap();
-    let ns = TempNamespace::create(&client, "answer").await.unwrap();
-    let ns = ns.name.clone();
-    wait_for_default_service_account(&client, &ns)
-        .await
-        .unwrap();
-    let work = std::env::temp_dir().join(format!("serf-e2e-answer-{}", std::process::id()));
-    std::fs::create_dir_all(&work).unwrap();
-    let log = work.join("operator.log");
-    eprintln!("operator log: {}", log.display());
+    let ns = ns_guard.name.clone();
 
     let op = Agent::start(AgentConfig::new("e2e-answer-op").tag("role", "web"), &[]).unwrap();
     let peer = Agent::start(AgentConfig::new("e2e-answer-peer"), &[op.bind_addr()]).unwrap();
     // A Job that calls the agent needs the `serf` CLI: the operator's image carries it.
     let serf_image = "localhost/serf-operator:dev";
-    let with_agent = node_has_image(&client, serf_image).await;
+    let with_agent = serf_operator_e2e::node_has_image(&client, serf_image).await;
     let mut routes = vec![serde_json::json!({
         "name": "uptime", "events": "query:uptime",
         "job": {"spec": {"backoffLimit": 0, "template": {"spec": {
@@ -318,28 +269,8 @@ async fn a_query_is_answered_by_a_real_jobs_output_and_a_job_calls_its_agent() {
     .await
     .unwrap();
     let metrics = serf_testkit::free_port().unwrap();
-    let _operator = OperatorProcess::start(
-        &[
-            "--namespaces",
-            &ns,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-        ],
-        &[
-            ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
-            ("POD_NAMESPACE", ns.clone()),
-            ("RUST_LOG", "info,serf_operator=debug".to_string()),
-        ],
-        log.clone(),
-    )
-    .unwrap();
-    eventually("the operator's stream", Duration::from_secs(30), || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("following the Serf agent")
-            .then_some(())
-    })
-    .await;
+    let operator = OperatorProcess::in_namespace(&ns, op.rpc_addr(), metrics, log.clone()).unwrap();
+    operator.following(1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The query comes from the other node, with a deadline long enough for a Pod to run.
@@ -426,22 +357,10 @@ async fn a_query_is_answered_by_a_real_jobs_output_and_a_job_calls_its_agent() {
 /// with its reason; an operator restart afterwards sends nothing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_outcomes_reach_another_serf_node() {
-    let Some(client) = cluster_or_skip("the real-node suite").await else {
+    let Some((client, image, ns_guard, log)) = setup("report").await else {
         return;
     };
-    let Some(image) = node_image_or_skip(&client, "the real-node suite").await else {
-        return;
-    };
-    install_crds(&client).await.unwrap();
-    let ns = TempNamespace::create(&client, "report").await.unwrap();
-    let ns = ns.name.clone();
-    wait_for_default_service_account(&client, &ns)
-        .await
-        .unwrap();
-    let work = std::env::temp_dir().join(format!("serf-e2e-report-{}", std::process::id()));
-    std::fs::create_dir_all(&work).unwrap();
-    let log = work.join("operator.log");
-    eprintln!("operator log: {}", log.display());
+    let ns = ns_guard.name.clone();
     let handler = serde_json::json!({
         "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
         "metadata": {"name": "web", "namespace": ns},
@@ -474,31 +393,9 @@ async fn job_outcomes_reach_another_serf_node() {
         .unwrap();
     let mut reports = watcher.stream("user:deploy-done").await.unwrap();
     let metrics = serf_testkit::free_port().unwrap();
-    let start = || {
-        OperatorProcess::start(
-            &[
-                "--namespaces",
-                &ns,
-                "--metrics-addr",
-                &format!("127.0.0.1:{metrics}"),
-            ],
-            &[
-                ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
-                ("POD_NAMESPACE", ns.clone()),
-                ("RUST_LOG", "info,serf_operator=debug".to_string()),
-            ],
-            log.clone(),
-        )
-        .unwrap()
-    };
+    let start = || OperatorProcess::in_namespace(&ns, op.rpc_addr(), metrics, log.clone()).unwrap();
     let mut operator = start();
-    eventually("the operator's stream", Duration::from_secs(30), || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("following the Serf agent")
-            .then_some(())
-    })
-    .await;
+    operator.following(1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Sent from the other node, reported back to it.
     watcher.event("deploy", b"v2", false).await.unwrap();

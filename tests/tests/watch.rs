@@ -128,23 +128,7 @@ async fn watched_objects_fire_once_per_change() {
         .unwrap();
     let mut events = listener.stream("user").await.unwrap();
     let metrics = serf_testkit::free_port().unwrap();
-    let start = || {
-        OperatorProcess::start(
-            &[
-                "--namespaces",
-                &ns,
-                "--metrics-addr",
-                &format!("127.0.0.1:{metrics}"),
-            ],
-            &[
-                ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
-                ("POD_NAMESPACE", ns.clone()),
-                ("RUST_LOG", "info,serf_operator=debug".to_string()),
-            ],
-            log.clone(),
-        )
-        .unwrap()
-    };
+    let start = || OperatorProcess::in_namespace(&ns, op.rpc_addr(), metrics, log.clone()).unwrap();
     let mut operator = start();
     for name in ["config", "ready"] {
         eventually(

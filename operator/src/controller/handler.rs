@@ -59,18 +59,13 @@ pub struct HandlerContext {
 
 /// When a Job finished, and whether it succeeded.
 pub fn finished(job: &Job) -> Option<(bool, String)> {
-    let status = job.status.as_ref()?;
-    for c in status.conditions.iter().flatten() {
-        if c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed") {
-            let t = c
-                .last_transition_time
-                .as_ref()
-                .map(|t| t.0.to_string())
-                .unwrap_or_default();
-            return Some((c.type_ == "Complete", t));
-        }
-    }
-    None
+    let c = crate::report::finish_condition(job)?;
+    let t = c
+        .last_transition_time
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    Some((c.type_ == "Complete", t))
 }
 
 /// The Jobs to delete for `h`: per route, the finished ones beyond its history limits
