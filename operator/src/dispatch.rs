@@ -4,6 +4,7 @@
 //! Nothing here awaits the API server: effects hand API work to tasks of their own and
 //! return at once. The only awaits are on the Serf agent (answers, `members`, `stats`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -35,6 +36,14 @@ pub enum Control {
     /// The SerfHandlers changed: the whole current set (shared with the cache; only the
     /// handlers whose spec changed are compiled again).
     Handlers(Vec<Arc<SerfHandler>>),
+    /// Some SerfHandlers changed: those added or updated, and those deleted (namespace,
+    /// name). Only these are looked at.
+    HandlersChanged {
+        /// Added or updated.
+        changed: Vec<Arc<SerfHandler>>,
+        /// Deleted.
+        gone: Vec<(String, String)>,
+    },
     /// This replica became (or stopped being) the one that acts on member events. On
     /// becoming it, the membership last acted on by the previous leader.
     Leader {
@@ -167,15 +176,14 @@ pub struct Dispatcher<E> {
     serf: Option<serf_client::Client>,
     pod: (String, String),
     leader: bool,
-    handlers: Vec<HandlerRef>,
+    /// Every handler, with the (uid, generation) last seen.
+    handlers: BTreeMap<(String, String), (Option<String>, Option<i64>)>,
     active: Box<dyn ActiveJobs + Send>,
     effects: E,
     catch_up: bool,
     /// The agent had not joined anyone when its clock was read: read it again at the next
     /// member-join.
     epoch_check_pending: bool,
-    /// The (uid, generation) of every handler as last seen.
-    versions: std::collections::HashSet<(Option<String>, Option<i64>)>,
 }
 
 impl<E: Effects> Dispatcher<E> {
@@ -194,12 +202,11 @@ impl<E: Effects> Dispatcher<E> {
             serf: None,
             pod,
             leader,
-            handlers: Vec::new(),
+            handlers: BTreeMap::new(),
             active,
             effects,
             catch_up: true,
             epoch_check_pending: false,
-            versions: Default::default(),
         }
     }
 
@@ -240,26 +247,30 @@ impl<E: Effects> Dispatcher<E> {
     pub async fn control(&mut self, c: Control) {
         match c {
             Control::Handlers(handlers) => {
-                // Only the handlers that are new or changed get their member selection
-                // published (a change of one handler is not a write for every handler).
-                let versions: std::collections::HashSet<(Option<String>, Option<i64>)> =
-                    std::mem::take(&mut self.versions);
-                let mut changed = Vec::new();
-                for h in &handlers {
-                    let v = (h.metadata.uid.clone(), h.metadata.generation);
-                    if !versions.contains(&v) {
-                        changed.push(HandlerRef::of(h));
-                    }
-                    self.versions.insert(v);
+                let current: std::collections::BTreeSet<(String, String)> =
+                    handlers.iter().map(|h| handler_key(h)).collect();
+                let gone: Vec<(String, String)> = self
+                    .handlers
+                    .keys()
+                    .filter(|k| !current.contains(*k))
+                    .cloned()
+                    .collect();
+                for k in &gone {
+                    self.handlers.remove(k);
                 }
-                self.handlers = handlers.iter().map(|h| HandlerRef::of(h)).collect();
+                let changed = self.note_versions(&handlers);
                 let refs: Vec<&SerfHandler> = handlers.iter().map(|h| h.as_ref()).collect();
                 let compiled = self.engine.sync_handlers(&refs);
-                tracing::debug!(handlers = refs.len(), compiled, "routes updated");
-                for e in self.engine.router().errors() {
-                    tracing::debug!("{e}");
+                self.routes_updated(refs.len(), compiled, &changed);
+            }
+            Control::HandlersChanged { changed, gone } => {
+                for k in &gone {
+                    self.handlers.remove(k);
                 }
-                self.publish_membership_for(&changed);
+                let new = self.note_versions(&changed);
+                let refs: Vec<&SerfHandler> = changed.iter().map(|h| h.as_ref()).collect();
+                let compiled = self.engine.update_handlers(&refs, &gone);
+                self.routes_updated(refs.len(), compiled, &new);
             }
             Control::Leader { leader, membership } => {
                 let became = leader && !self.leader;
@@ -274,6 +285,30 @@ impl<E: Effects> Dispatcher<E> {
                 }
             }
         }
+    }
+
+    /// Records each handler's (uid, generation); returns those that are new or changed.
+    fn note_versions(&mut self, handlers: &[Arc<SerfHandler>]) -> Vec<HandlerRef> {
+        let mut changed = Vec::new();
+        for h in handlers {
+            let v = (h.metadata.uid.clone(), h.metadata.generation);
+            if self.handlers.insert(handler_key(h), v.clone()).as_ref() != Some(&v) {
+                changed.push(HandlerRef::of(h));
+            }
+        }
+        changed
+    }
+
+    /// After a change of the handlers: only the new or changed ones get their member
+    /// selection published (a change of one handler is not a write for every handler).
+    fn routes_updated(&mut self, seen: usize, compiled: usize, changed: &[HandlerRef]) {
+        tracing::debug!(handlers = seen, compiled, "routes updated");
+        if compiled > 0 {
+            for e in self.engine.router().errors() {
+                tracing::debug!("{e}");
+            }
+        }
+        self.publish_membership_for(changed);
     }
 
     /// Handles one item from the Serf link.
@@ -564,7 +599,15 @@ impl<E: Effects> Dispatcher<E> {
     }
 
     fn publish_membership(&mut self) {
-        let all = self.handlers.clone();
+        let all: Vec<HandlerRef> = self
+            .handlers
+            .iter()
+            .map(|((namespace, name), (uid, _))| HandlerRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid: uid.clone(),
+            })
+            .collect();
         self.publish_membership_for(&all);
     }
 
@@ -653,4 +696,10 @@ impl SkipReason {
             _ => DropReason::Filtered,
         }
     }
+}
+
+/// A handler's (namespace, name), as [`HandlerRef::of`] gives them.
+fn handler_key(h: &SerfHandler) -> (String, String) {
+    let r = HandlerRef::of(h);
+    (r.namespace, r.name)
 }

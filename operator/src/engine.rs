@@ -204,6 +204,46 @@ impl Router {
         compiled
     }
 
+    /// Applies changes: each handler in `changed` compiled again when its spec changed (by
+    /// UID and generation) or added, each `(namespace, name)` in `gone` dropped; the others
+    /// are not looked at. Returns how many handlers were compiled.
+    pub fn update(&mut self, changed: &[&SerfHandler], gone: &[(String, String)]) -> usize {
+        let find = |hs: &[CompiledHandler], ns: &str, name: &str| {
+            hs.binary_search_by(|o| {
+                (o.handler.namespace.as_str(), o.handler.name.as_str()).cmp(&(ns, name))
+            })
+        };
+        let mut touched = false;
+        for (ns, name) in gone {
+            if let Ok(i) = find(&self.handlers, ns, name) {
+                self.handlers.remove(i);
+                touched = true;
+            }
+        }
+        let mut compiled = 0;
+        for h in changed {
+            let ns = h.metadata.namespace.as_deref().unwrap_or("default");
+            let name = h.metadata.name.as_deref().unwrap_or("");
+            let version = (h.metadata.uid.as_ref(), h.metadata.generation);
+            match find(&self.handlers, ns, name) {
+                Ok(i) => {
+                    let o = &self.handlers[i];
+                    if (o.version.0.as_ref(), o.version.1) == version && version.1.is_some() {
+                        continue;
+                    }
+                    self.handlers[i] = Router::compile(h);
+                }
+                Err(i) => self.handlers.insert(i, Router::compile(h)),
+            }
+            compiled += 1;
+            touched = true;
+        }
+        if touched {
+            self.reindex();
+        }
+        compiled
+    }
+
     /// Rebuilds the index and the error list from the compiled handlers (no compiling).
     fn reindex(&mut self) {
         self.index.clear();
@@ -893,6 +933,15 @@ impl Engine {
     /// (see [`Router::sync`]); returns how many were compiled.
     pub fn sync_handlers(&mut self, handlers: &[&SerfHandler]) -> usize {
         self.router.sync(handlers)
+    }
+
+    /// See [`Router::update`].
+    pub fn update_handlers(
+        &mut self,
+        changed: &[&SerfHandler],
+        gone: &[(String, String)],
+    ) -> usize {
+        self.router.update(changed, gone)
     }
 
     /// The compiled handlers.

@@ -7,6 +7,7 @@
 //! - the event path (Serf link → queue → dispatcher → effects): [`dispatch`], with the
 //!   Kubernetes effects in [`effects`] and local mode's printer in [`local`];
 //! - how a trigger fires: [`trigger`] (decision and send) and [`controller::trigger`];
+//! - the operator's Jobs, indexed by handler and route: [`index`];
 //! - leader election: [`leader`];
 //! - the retry policy for Job creation: [`launcher`];
 //! - the state written back (status, ledgers, membership): [`state`], [`status`], [`ledger`];
@@ -20,6 +21,7 @@ pub mod dispatch;
 pub mod effects;
 pub mod engine;
 pub mod error;
+pub mod index;
 pub mod jobs;
 pub mod launcher;
 pub mod leader;

@@ -10,7 +10,9 @@ use serf_operator::contract::SelfNode;
 use serf_operator::{local, manifests};
 
 /// jemalloc hands memory freed after a burst (a thousand handlers synced, a storm of events)
-/// back to the system, where the system allocator keeps it.
+/// back to the system, where the system allocator keeps it. Without the `jemalloc` feature the
+/// system allocator is used (heap profilers such as heaptrack see it).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

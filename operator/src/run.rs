@@ -11,15 +11,15 @@
 //!   ([`controller::trigger`]) and SerfHandlers ([`controller::handler`]).
 //! - **Leader election** ([`leader`]) gates the once-only work.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
 use kube::Client;
-use kube::runtime::reflector::{self, Store};
+use kube::ResourceExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serf_client::{ClientConfig, Subscription, SubscriptionConfig, SubscriptionItem};
 use serf_operator_crds::{SerfEventTrigger, SerfHandler};
@@ -30,7 +30,8 @@ use crate::controller::{self, api_in};
 use crate::dispatch::{Control, Dispatcher, DropReason, Input, Severity};
 use crate::effects::{KubeEffects, LaunchPool, PendingLaunch, SharedLedger, Sinks};
 use crate::engine::{ActiveJobs, SkipReason};
-use crate::jobs::{HandlerRef, LABEL_HANDLER, LABEL_ROUTE, MANAGED_BY};
+use crate::index::JobIndex;
+use crate::jobs::{HandlerRef, MANAGED_BY};
 use crate::launcher::RetryPolicy;
 use crate::leader;
 pub use crate::leader::LeaderElection;
@@ -71,74 +72,76 @@ pub struct RunConfig {
     pub leader_election: Option<LeaderElection>,
 }
 
-/// Active (unfinished) Jobs, read from the Job cache.
-struct StoreActive(Vec<Store<Job>>);
+/// Active (unfinished) Jobs, read from the Job index.
+struct IndexActive(Vec<Arc<JobIndex>>);
 
-impl ActiveJobs for StoreActive {
+impl ActiveJobs for IndexActive {
     fn active(&self, handler: &HandlerRef, route: &str) -> Vec<String> {
-        let (h, r) = (
-            crate::naming::label_value(&handler.name),
-            crate::naming::label_value(route),
-        );
         self.0
             .iter()
-            .flat_map(|s| s.state())
-            .filter(|j| {
-                let l = j.metadata.labels.as_ref();
-                j.metadata.namespace.as_deref() == Some(handler.namespace.as_str())
-                    && l.and_then(|l| l.get(LABEL_HANDLER)) == Some(&h)
-                    && l.and_then(|l| l.get(LABEL_ROUTE)) == Some(&r)
-                    && controller::handler::finished(j).is_none()
-            })
-            .filter_map(|j| j.metadata.name.clone())
+            .flat_map(|i| i.active(handler, route))
             .collect()
     }
 }
 
-/// Keeps a local store of `K` up to date from a watch (retried with backoff), driven by a
-/// task in `set`; `changed` is notified after every change.
-fn watch_into_store<K>(
+/// The SerfHandlers changed since the forwarder last looked, or a complete (re)list.
+#[derive(Default)]
+struct HandlerChanges {
+    keys: HashSet<ObjectRef<SerfHandler>>,
+    relisted: bool,
+}
+
+/// Keeps a store of the SerfHandlers in one scope up to date from a watch (retried with
+/// backoff; managed fields, never read, are not kept). Each change is noted in `changes`
+/// (then `changed` is notified) and sent to `trigger`, the handler controller's input.
+fn watch_handlers(
     set: &mut JoinSet<()>,
-    api: kube::Api<K>,
-    cfg: watcher::Config,
-    changed: Option<Arc<Notify>>,
-    strip: fn(&mut K),
-) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    <K as kube::Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+    api: kube::Api<SerfHandler>,
+    changes: Arc<Mutex<HandlerChanges>>,
+    changed: Arc<Notify>,
+    trigger: futures::channel::mpsc::UnboundedSender<SerfHandler>,
+) -> Store<SerfHandler> {
     let (reader, writer) = reflector::store();
-    let kind = K::kind(&Default::default()).to_string();
     set.spawn(
-        // Managed fields are never read: not kept in memory; nor what `strip` removes.
         reflector::reflector(
             writer,
-            watcher(api, cfg).modify(move |o| {
-                o.meta_mut().managed_fields = None;
-                strip(o);
+            watcher(api, watcher::Config::default()).modify(|h| {
+                h.metadata.managed_fields = None;
             }),
         )
         .default_backoff()
         .for_each(move |r| {
             match r {
-                Err(e) => tracing::warn!(error = %e, kind = %kind, "watch"),
-                Ok(_) => {
-                    if let Some(n) = &changed {
-                        n.notify_one();
+                Err(e) => tracing::warn!(error = %e, kind = "SerfHandler", "watch"),
+                Ok(ev) => {
+                    if let Ok(mut c) = changes.lock() {
+                        match &ev {
+                            watcher::Event::Apply(h) | watcher::Event::Delete(h) => {
+                                c.keys.insert(ObjectRef::from_obj(h));
+                            }
+                            watcher::Event::InitDone => c.relisted = true,
+                            _ => {}
+                        }
                     }
+                    if let watcher::Event::Apply(h) | watcher::Event::InitApply(h) = &ev {
+                        // The controller reads the object from the store; a key is enough.
+                        let mut key = SerfHandler::new(&h.name_any(), h.spec.clone());
+                        key.metadata.namespace = h.metadata.namespace.clone();
+                        let _ = trigger.unbounded_send(key);
+                    }
+                    changed.notify_one();
                 }
             }
             std::future::ready(())
         }),
     );
     reader
+}
+
+/// A handler's (namespace, name).
+fn key_of(h: &SerfHandler) -> (String, String) {
+    let r = HandlerRef::of(h);
+    (r.namespace, r.name)
 }
 
 /// Runs the operator until `shutdown` resolves, then stops reading events, lets in-flight
@@ -168,28 +171,36 @@ pub async fn run(
     let owned_jobs =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let mut handler_stores: Vec<Store<SerfHandler>> = Vec::new();
-    let mut job_stores: Vec<Store<Job>> = Vec::new();
+    let mut handler_triggers = Vec::new();
+    let handler_changes: Arc<Mutex<HandlerChanges>> = Arc::default();
+    let mut job_index: Vec<Arc<JobIndex>> = Vec::new();
+    let mut job_owners = Vec::new();
     for ns in &scopes {
-        handler_stores.push(watch_into_store(
+        let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
+        handler_stores.push(watch_handlers(
             &mut watches,
             api_in(&client, ns),
-            watcher::Config::default(),
-            Some(handlers_changed.clone()),
-            |_| {},
+            handler_changes.clone(),
+            handlers_changed.clone(),
+            trigger_tx,
         ));
-        job_stores.push(watch_into_store(
-            &mut watches,
+        handler_triggers.push(trigger_rx);
+        let index = Arc::new(JobIndex::default());
+        let (owners_tx, owners_rx) = futures::channel::mpsc::unbounded();
+        watches.spawn(crate::index::maintain(
             api_in(&client, ns),
             owned_jobs.clone(),
-            None,
-            crate::jobs::strip_for_cache,
+            index.clone(),
+            owners_tx,
         ));
+        job_index.push(index);
+        job_owners.push(owners_rx);
     }
     for s in &handler_stores {
         s.wait_until_ready().await?;
     }
-    for s in &job_stores {
-        s.wait_until_ready().await?;
+    for i in &job_index {
+        i.wait_until_ready().await;
     }
     metrics.set_caches_ready(true);
     tracing::info!("caches synced");
@@ -293,7 +304,7 @@ pub async fn run(
         client: client.clone(),
         leader: verdict.clone(),
         status: status_tx.clone(),
-        jobs: job_stores.clone(),
+        jobs: job_index.clone(),
         ledger: ledger.clone(),
         call_timeout: cfg.call_timeout,
         recheck: cfg.flush_interval * 3,
@@ -302,7 +313,11 @@ pub async fn run(
         reported: Default::default(),
         validated: Default::default(),
     });
-    for ns in &scopes {
+    for ((ns, owners), (store, trigger)) in scopes
+        .iter()
+        .zip(job_owners)
+        .zip(handler_stores.iter().cloned().zip(handler_triggers))
+    {
         let mut stop = stop_rx.clone();
         tasks.spawn(controller::trigger::run(
             api_in::<SerfEventTrigger>(&client, ns),
@@ -313,8 +328,9 @@ pub async fn run(
         ));
         let mut stop = stop_rx.clone();
         tasks.spawn(controller::handler::run(
-            api_in::<SerfHandler>(&client, ns),
-            api_in::<Job>(&client, ns),
+            store,
+            trigger,
+            owners,
             handler_ctx.clone(),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -322,28 +338,49 @@ pub async fn run(
         ));
     }
 
-    // Handler changes → the dispatcher (recompiled routes) and the state writer.
+    // Handler changes → the dispatcher (recompiled routes) and the state writer: after a
+    // (re)list the whole set, otherwise only the handlers that changed.
     {
         let stores = handler_stores.clone();
         let control = control_tx.clone();
         let status = status_tx.clone();
         let changed = handlers_changed.clone();
-        changed.notify_one();
+        let changes = handler_changes.clone();
         tasks.spawn(async move {
             loop {
                 changed.notified().await;
                 // Let a burst of changes (the initial list) settle into one recompile.
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                let all: Vec<Arc<SerfHandler>> = stores.iter().flat_map(|s| s.state()).collect();
-                let present: BTreeSet<(String, String)> = all
-                    .iter()
-                    .map(|h| {
-                        let r = HandlerRef::of(h);
-                        (r.namespace, r.name)
-                    })
-                    .collect();
-                let _ = status.send(StatusMsg::Present(present)).await;
-                if control.send(Control::Handlers(all)).await.is_err() {
+                let taken = match changes.lock() {
+                    Ok(mut c) => std::mem::take(&mut *c),
+                    Err(_) => return,
+                };
+                let (status_msg, control_msg) = if taken.relisted {
+                    let all: Vec<Arc<SerfHandler>> =
+                        stores.iter().flat_map(|s| s.state()).collect();
+                    let present = all.iter().map(|h| key_of(h)).collect();
+                    (StatusMsg::Present(present), Control::Handlers(all))
+                } else if taken.keys.is_empty() {
+                    continue;
+                } else {
+                    let (mut changed, mut gone) = (Vec::new(), Vec::new());
+                    for k in taken.keys {
+                        match stores.iter().find_map(|s| s.get(&k)) {
+                            Some(h) => changed.push(h),
+                            None => gone.push((k.namespace.unwrap_or_default(), k.name)),
+                        }
+                    }
+                    let present = changed.iter().map(|h| key_of(h)).collect();
+                    (
+                        StatusMsg::Changed {
+                            present,
+                            gone: gone.clone(),
+                        },
+                        Control::HandlersChanged { changed, gone },
+                    )
+                };
+                let _ = status.send(status_msg).await;
+                if control.send(control_msg).await.is_err() {
                     return;
                 }
             }
@@ -374,7 +411,7 @@ pub async fn run(
         membership,
         (cfg.pod_name.clone(), cfg.pod_namespace.clone()),
         leader_now,
-        Box::new(StoreActive(job_stores.clone())),
+        Box::new(IndexActive(job_index.clone())),
         KubeEffects {
             sinks: sinks.clone(),
             launches: launch_tx,

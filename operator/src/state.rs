@@ -47,6 +47,13 @@ pub enum StatusMsg {
     },
     /// The handlers that exist (the status of one that existed and is gone is forgotten).
     Present(BTreeSet<(String, String)>),
+    /// Handlers added or updated, and handlers deleted, since the last `Present`.
+    Changed {
+        /// Added or updated (namespace, name).
+        present: Vec<(String, String)>,
+        /// Deleted (namespace, name): their status is forgotten.
+        gone: Vec<(String, String)>,
+    },
     /// The members a handler's filters select.
     Members {
         /// The handler.
@@ -125,6 +132,17 @@ impl StateWriter {
                 self.present = keys;
                 self.book.retain(|k| !gone.contains(k));
                 self.uids.retain(|k, _| !gone.contains(k));
+            }
+            StatusMsg::Changed { present, gone } => {
+                self.present.extend(present);
+                for k in &gone {
+                    self.present.remove(k);
+                    self.uids.remove(k);
+                }
+                if !gone.is_empty() {
+                    let gone: BTreeSet<(String, String)> = gone.into_iter().collect();
+                    self.book.retain(|k| !gone.contains(k));
+                }
             }
             StatusMsg::Members { handler, members } => {
                 let refs: Vec<&Member> = members.iter().collect();

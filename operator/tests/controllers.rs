@@ -15,7 +15,7 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::runtime::{reflector, watcher};
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 use serf_client::{ClientConfig, Event};
 use serf_operator::controller::handler::{self, HandlerContext};
@@ -310,12 +310,13 @@ fn finished_job(name: &str, at: &str) -> Job {
 #[tokio::test]
 async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
     let (client, mut h) = mock();
-    let (store, mut writer) = reflector::store::<Job>();
+    let index = Arc::new(serf_operator::index::JobIndex::default());
+    index.apply(watcher::Event::InitDone);
     for (n, at) in [
         ("web-deploy-old", "2026-11-23T10:00:00Z"),
         ("web-deploy-new", "2026-11-23T11:00:00Z"),
     ] {
-        writer.apply_watcher_event(&watcher::Event::Apply(finished_job(n, at)));
+        index.apply(watcher::Event::Apply(finished_job(n, at)));
     }
     let (status_tx, mut status_rx) = mpsc::channel(16);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
@@ -324,7 +325,7 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
         client,
         leader,
         status: status_tx,
-        jobs: vec![store],
+        jobs: vec![index.clone()],
         ledger: ledger.clone(),
         call_timeout: Duration::from_secs(5),
         recheck: Duration::from_secs(3),
@@ -456,7 +457,8 @@ async fn job_outcomes_are_reported_into_serf_once() {
     let mut seen = listener.stream("user").await.unwrap();
 
     let (client, mut h) = mock();
-    let (store, mut writer) = reflector::store::<Job>();
+    let index = Arc::new(serf_operator::index::JobIndex::default());
+    index.apply(watcher::Event::InitDone);
     let job = |name: &str, annotation: &str, condition: Option<(&str, &str)>| -> Job {
         serde_json::from_value(json!({
             "apiVersion": "batch/v1", "kind": "Job",
@@ -481,7 +483,7 @@ async fn job_outcomes_are_reported_into_serf_once() {
         ),
         job("web-deploy-running", "pending", None),
     ] {
-        writer.apply_watcher_event(&watcher::Event::Apply(j));
+        index.apply(watcher::Event::Apply(j));
     }
     let (status_tx, _status_rx) = mpsc::channel(16);
     let (sinks, mut records) = sinks();
@@ -491,7 +493,7 @@ async fn job_outcomes_are_reported_into_serf_once() {
         client,
         leader,
         status: status_tx,
-        jobs: vec![store],
+        jobs: vec![index.clone()],
         ledger: Arc::new(Mutex::new(Ledger::default())),
         call_timeout: Duration::from_secs(5),
         recheck: Duration::from_secs(3),

@@ -856,6 +856,45 @@ fn index_matches_a_full_scan() {
 }
 
 #[test]
+fn incremental_handler_changes_route_like_a_full_compile() {
+    let spec = |i: usize, f: &str| {
+        format!(
+            "---\napiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {{name: h{i:02}, namespace: ns, uid: u{i}, generation: 1}}\nspec:\n  routes:\n    - name: r\n      events: \"{f}\"\n{JOB}\n"
+        )
+    };
+    let first = handler(&[spec(0, "user:a"), spec(1, "user:b"), spec(2, "query")].concat());
+    // h00 is deleted, h01 changes its filter (generation 2), h03 is new, h02 is untouched.
+    let mut h01 = handler(&spec(1, "user:a"))[0].clone();
+    h01.metadata.generation = Some(2);
+    let h03 = handler(&spec(3, "user"))[0].clone();
+    let mut engine = Engine::new(&first, Membership::default());
+    let compiled = engine.update_handlers(&[&h01, &h03], &[("ns".into(), "h00".into())]);
+    assert_eq!(compiled, 2);
+    // The same spec again compiles nothing.
+    assert_eq!(engine.update_handlers(&[&h01], &[]), 0);
+    let mut full = Engine::new(
+        &[h01.clone(), first[2].clone(), h03.clone()],
+        Membership::default(),
+    );
+    for ev in [user("a", 1, b""), user("b", 2, b""), query("q", 1, b"")] {
+        let got = names_of(&route(&mut engine, &ev, &node("web")));
+        let want = names_of(&route(&mut full, &ev, &node("web")));
+        assert_eq!(got, want, "{ev:?}");
+    }
+    assert_eq!(
+        names_of(&route(&mut engine, &user("a", 3, b""), &node("web"))),
+        vec!["h01", "h03"]
+    );
+}
+
+fn names_of(o: &Outcome) -> Vec<String> {
+    let mut n: Vec<String> = o.actions.iter().map(|a| a.route().0.name.clone()).collect();
+    n.sort();
+    n.dedup();
+    n
+}
+
+#[test]
 fn membership_diff_recovers_missed_member_events() {
     let mut ledger = Membership::default();
     // Everything was seen at T; the agent is asked at T + 1 hour.

@@ -12,7 +12,6 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
 use kube::{Api, Client};
 use serf_operator_crds::SerfHandler;
 use tokio::sync::{mpsc, watch};
@@ -21,7 +20,8 @@ use crate::dispatch::{RouteEvent, Severity};
 use crate::effects::{SharedLedger, Sinks};
 use crate::engine::{DEFAULT_HISTORY_LIMIT, Router};
 use crate::error::{Error, kube_call};
-use crate::jobs::{HandlerRef, LABEL_HANDLER, LABEL_ROUTE, MANAGED_BY};
+use crate::index::JobIndex;
+use crate::jobs::{HandlerRef, LABEL_HANDLER, LABEL_ROUTE};
 use crate::ledger;
 use crate::report;
 use crate::state::StatusMsg;
@@ -38,7 +38,7 @@ pub struct HandlerContext {
     /// The state writer's inbox.
     pub status: mpsc::Sender<StatusMsg>,
     /// The Jobs the operator owns.
-    pub jobs: Vec<Store<Job>>,
+    pub jobs: Vec<Arc<JobIndex>>,
     /// The launch ledgers.
     pub ledger: SharedLedger,
     /// How long one API call may take.
@@ -157,7 +157,7 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
         return Ok(Action::await_change());
     }
     let href = HandlerRef::of(&h);
-    let jobs: Vec<Arc<Job>> = ctx.jobs.iter().flat_map(|s| s.state()).collect();
+    let jobs: Vec<Arc<Job>> = ctx.jobs.iter().flat_map(|i| i.finished(&href)).collect();
     let no_agent = report_outcomes(&h, &jobs, &ctx).await?;
     let prune = beyond_history(&h, &jobs);
     if prune.is_empty() {
@@ -393,18 +393,18 @@ pub fn error_policy(_h: Arc<SerfHandler>, err: &Error, _ctx: Arc<HandlerContext>
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs the controller over `api` (and the Jobs it owns in `jobs_api`) until `shutdown`.
+/// Runs the controller over the handlers in `store`, reconciling each one `trigger` names
+/// and the owner of each Job in `jobs`, until `shutdown`.
 pub async fn run(
-    api: Api<SerfHandler>,
-    jobs_api: Api<Job>,
+    store: Store<SerfHandler>,
+    trigger: impl futures::Stream<Item = SerfHandler> + Send + 'static,
+    jobs: impl futures::Stream<Item = Job> + Send + 'static,
     ctx: Arc<HandlerContext>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let leader = super::on_leadership_change(ctx.leader.clone());
-    let owned =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    Controller::new(api, watcher::Config::default())
-        .owns(jobs_api, owned)
+    Controller::for_stream(trigger.map(Ok), store)
+        .owns_stream(jobs.map(Ok))
         .reconcile_all_on(leader)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
