@@ -388,6 +388,9 @@ impl Worker {
         let result = if self.ledger_has(&l.handler, &name) == Some(true) {
             None
         } else {
+            // Where an event's time goes: received → here (queue and routing), then the
+            // API server's answer ("Job created" logs the total).
+            tracing::debug!(since_received = ?p.received.elapsed(), "creating the Job");
             Some(self.launcher.launch_since(l, p.received).await)
         };
         self.report(&p, &name, result);

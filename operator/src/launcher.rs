@@ -147,6 +147,33 @@ fn api_message(e: &Error) -> String {
     }
 }
 
+/// What is read of the API server's answer to a Job create: the uid. The rest (the whole Job
+/// again, with its managed fields) is skipped, not decoded.
+#[derive(serde::Deserialize)]
+struct Created {
+    metadata: CreatedMeta,
+}
+
+#[derive(serde::Deserialize)]
+struct CreatedMeta {
+    uid: Option<String>,
+}
+
+/// Creates `job` through `jobs`; its uid.
+async fn create_job(
+    client: &Client,
+    jobs: &Api<Job>,
+    pp: &PostParams,
+    job: &Job,
+) -> Result<Option<String>, kube::Error> {
+    let body = serde_json::to_vec(job).map_err(kube::Error::SerdeError)?;
+    let mut req = kube::core::Request::new(jobs.resource_url())
+        .create(pp, body)
+        .map_err(kube::Error::BuildRequest)?;
+    req.extensions_mut().insert("create");
+    Ok(client.request::<Created>(req).await?.metadata.uid)
+}
+
 fn is_code(e: &Error, code: u16) -> bool {
     e.http_code() == Some(code)
 }
@@ -228,7 +255,7 @@ impl Launcher {
         let uncertain = AtomicBool::new(false);
         let created = policy
             .run(received, "create the Job", || {
-                let call = jobs.create(&pp, &l.job);
+                let call = create_job(&self.client, &jobs, &pp, &l.job);
                 let uncertain = &uncertain;
                 async move {
                     let r = call.await;
@@ -240,10 +267,7 @@ impl Launcher {
             })
             .await;
         let (result, uid) = match created {
-            Ok(job) => (
-                LaunchResult::Created { name: name.clone() },
-                job.metadata.uid.clone(),
-            ),
+            Ok(uid) => (LaunchResult::Created { name: name.clone() }, uid),
             Err(e) if is_code(&e, 409) => {
                 let uid = match &l.stdin {
                     // Its Secret goes with the Job that exists.

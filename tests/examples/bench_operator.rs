@@ -64,6 +64,42 @@ fn job(name: &str) -> Job {
     .unwrap_or_default()
 }
 
+/// `count` Jobs exactly as the operator makes them for user events `burst` with ltimes from
+/// `ltime`, built by its engine for the handler `owner`.
+fn operator_jobs(owner: &serf_operator_crds::SerfHandler, count: usize, ltime: u64) -> Vec<Job> {
+    let mut engine = serf_operator::engine::Engine::new(
+        std::slice::from_ref(owner),
+        serf_operator::engine::Membership::default(),
+    );
+    let node = serf_operator::contract::SelfNode {
+        name: "bench-op".into(),
+        tags: [("role".to_string(), "web".to_string())].into(),
+    };
+    let mut jobs = Vec::new();
+    for i in 0..count {
+        let ev = serf_client::Event::User(serf_client::UserEvent {
+            ltime: ltime + i as u64,
+            name: "burst".into(),
+            payload: format!("{i}").into_bytes(),
+            coalesce: false,
+        });
+        let o = engine.route(
+            &ev,
+            &serf_operator::engine::Context {
+                node: &node,
+                pod: ("", ""),
+                active: &serf_operator::engine::NoActiveJobs,
+                now: std::time::SystemTime::now(),
+                replayed: false,
+            },
+        );
+        if let Some(serf_operator::engine::Action::Launch(l)) = o.actions.into_iter().next() {
+            jobs.push(l.job);
+        }
+    }
+    jobs
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let Some(client) = cluster_or_skip("the operator benchmark").await else {
@@ -185,6 +221,27 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    // 2b. The same, with the operator's own Job objects (its Job's weight at the API
+    //     server, without the operator).
+    let owner = hapi.get("bench").await?;
+    let mut own_seen = Vec::new();
+    for job in operator_jobs(&owner, n, 2_000_000) {
+        let name = job.metadata.name.clone().unwrap_or_default();
+        let t0 = Instant::now();
+        japi.create(&PostParams::default(), &job).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(t) = seen.lock().ok().and_then(|m| m.get(&name).copied()) {
+                own_seen.push(t.saturating_duration_since(t0).as_secs_f64() * 1000.0);
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+
     // 3. Sustained: fire events as fast as the agent takes them; count the Jobs.
     let start_count = count_before(&seen);
     let sustained_cpu_before = cpu_ms(pid);
@@ -226,37 +283,7 @@ async fn main() -> anyhow::Result<()> {
     // 4b. The same, with the very Job objects the operator creates (owner reference,
     //     labels, annotations with /serf/stdin, the SERF_* environment, the stdin volume),
     //     built by the operator's engine for the same kind of event.
-    let owner = hapi.get("bench").await?;
-    let mut engine = serf_operator::engine::Engine::new(
-        std::slice::from_ref(&owner),
-        serf_operator::engine::Membership::default(),
-    );
-    let node = serf_operator::contract::SelfNode {
-        name: "bench-op".into(),
-        tags: [("role".to_string(), "web".to_string())].into(),
-    };
-    let mut own_jobs = Vec::new();
-    for i in 0..api_n {
-        let ev = serf_client::Event::User(serf_client::UserEvent {
-            ltime: 1_000_000 + i as u64,
-            name: "burst".into(),
-            payload: format!("{i}").into_bytes(),
-            coalesce: false,
-        });
-        let o = engine.route(
-            &ev,
-            &serf_operator::engine::Context {
-                node: &node,
-                pod: ("", ""),
-                active: &serf_operator::engine::NoActiveJobs,
-                now: std::time::SystemTime::now(),
-                replayed: false,
-            },
-        );
-        if let Some(serf_operator::engine::Action::Launch(l)) = o.actions.into_iter().next() {
-            own_jobs.push(l.job);
-        }
-    }
+    let own_jobs = operator_jobs(&owner, api_n, 1_000_000);
     let own_jobs = Arc::new(own_jobs);
     let t2 = Instant::now();
     let mut tasks = Vec::new();
@@ -391,6 +418,8 @@ async fn main() -> anyhow::Result<()> {
     let (mut lat_s, mut seen_s) = (lat.clone(), post_seen.clone());
     let (l50, l99) = (pct(&mut lat_s, 0.5), pct(&mut lat, 0.99));
     let (b50, b99) = (pct(&mut seen_s, 0.5), pct(&mut post_seen, 0.99));
+    let mut own_s = own_seen.clone();
+    let (o50, o99) = (pct(&mut own_s, 0.5), pct(&mut own_seen, 0.99));
     let op_rate = made as f64 / took.as_secs_f64();
     println!("serf-operator benchmark (real kube-apiserver and Serf agent on loopback; one run)");
     println!(
@@ -410,6 +439,13 @@ async fn main() -> anyhow::Result<()> {
         format!("{l99:.1}"),
         format!("{b99:.1} bare POST -> watch"),
         format!("{:.2}x", l99 / b99)
+    );
+    println!(
+        "{:<44} {:>16} {:>26} {:>8}",
+        "  p50 / p99 with the operator's Jobs, bare",
+        "",
+        format!("{o50:.1} / {o99:.1}"),
+        format!("{:.2}x / {:.2}x", l50 / o50, l99 / o99)
     );
     println!(
         "{:<44} {:>16} {:>26} {:>8}",
