@@ -1,11 +1,10 @@
 //! The operator's Jobs, kept from one watch and indexed by handler and route. What the
 //! dispatcher asks on every event (a route's active Jobs) and what a handler's reconcile
 //! reads (its finished Jobs) cost the size of the answer, not the number of Jobs; an active
-//! Job is kept as its name only, a finished one as the few fields that are read
-//! ([`crate::jobs::strip_for_cache`]).
+//! Job is kept as its name only, a finished one as the few fields that are read.
 //!
 //! The same watch feeds the SerfHandler controller's `owns` trigger, so each Job change is
-//! decoded once.
+//! decoded once, and only in part ([`WatchedJob`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -17,6 +16,124 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 
 use crate::jobs::{HandlerRef, LABEL_HANDLER, LABEL_ROUTE};
+
+/// A Job as the index's watch decodes it: the metadata that is read (no managed fields), the
+/// first container's environment (a report's `SERF_*` values) and the status. The rest of
+/// each watch event is skipped, not decoded.
+#[derive(Clone, Debug, Default)]
+pub struct WatchedJob(pub Job);
+
+impl<'de> serde::Deserialize<'de> for WatchedJob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use k8s_openapi::api::batch::v1::JobStatus;
+        use k8s_openapi::api::core::v1::EnvVar;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Raw {
+            metadata: Meta,
+            spec: Option<Spec>,
+            status: Option<JobStatus>,
+        }
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default, rename_all = "camelCase")]
+        struct Meta {
+            name: Option<String>,
+            namespace: Option<String>,
+            uid: Option<String>,
+            resource_version: Option<String>,
+            generation: Option<i64>,
+            creation_timestamp: Option<Time>,
+            deletion_timestamp: Option<Time>,
+            labels: Option<BTreeMap<String, String>>,
+            annotations: Option<BTreeMap<String, String>>,
+            owner_references: Option<Vec<OwnerReference>>,
+        }
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Spec {
+            template: Template,
+        }
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Template {
+            spec: Option<PodSpec>,
+        }
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct PodSpec {
+            containers: Vec<Container>,
+        }
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Container {
+            name: String,
+            env: Option<Vec<EnvVar>>,
+        }
+
+        let raw = Raw::deserialize(d)?;
+        let m = raw.metadata;
+        let first = raw
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|p| p.containers.into_iter().next());
+        Ok(WatchedJob(Job {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                generation: m.generation,
+                creation_timestamp: m.creation_timestamp,
+                deletion_timestamp: m.deletion_timestamp,
+                labels: m.labels,
+                annotations: m.annotations,
+                owner_references: m.owner_references,
+                ..Default::default()
+            },
+            spec: first.map(|c| k8s_openapi::api::batch::v1::JobSpec {
+                template: k8s_openapi::api::core::v1::PodTemplateSpec {
+                    metadata: None,
+                    spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                        containers: vec![k8s_openapi::api::core::v1::Container {
+                            name: c.name,
+                            env: c.env,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                },
+                ..Default::default()
+            }),
+            status: raw.status,
+        }))
+    }
+}
+
+impl kube::Resource for WatchedJob {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        Job::kind(dt)
+    }
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        Job::group(dt)
+    }
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        Job::version(dt)
+    }
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        Job::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
 
 /// (namespace, handler label value).
 type HandlerKey = (String, String);
@@ -49,7 +166,7 @@ impl Jobs {
         }
     }
 
-    fn insert(&mut self, mut job: Job) {
+    fn insert(&mut self, job: Job) {
         let (Some(ns), Some(name)) = (job.metadata.namespace.clone(), job.metadata.name.clone())
         else {
             return;
@@ -68,8 +185,6 @@ impl Jobs {
         let key = (ns.clone(), handler);
         let entry = self.by_handler.entry(key.clone()).or_default();
         if crate::report::finish_condition(&job).is_some() {
-            job.metadata.managed_fields = None;
-            crate::jobs::strip_for_cache(&mut job);
             entry.finished.insert(name.clone(), Arc::new(job));
         } else {
             entry.active.insert(name.clone(), route);
@@ -212,7 +327,7 @@ fn owner_trigger(job: &Job) -> Job {
 /// Keeps `index` up to date from a watch of `api` (retried with backoff), and sends each
 /// changed Job's owner reference to `owners` (the handler controller's trigger).
 pub async fn maintain(
-    api: kube::Api<Job>,
+    api: kube::Api<WatchedJob>,
     cfg: watcher::Config,
     index: Arc<JobIndex>,
     owners: futures::channel::mpsc::UnboundedSender<Job>,
@@ -223,9 +338,15 @@ pub async fn maintain(
             match r {
                 Ok(ev) => {
                     if let watcher::Event::Apply(j) | watcher::Event::InitApply(j) = &ev {
-                        let _ = owners.unbounded_send(owner_trigger(j));
+                        let _ = owners.unbounded_send(owner_trigger(&j.0));
                     }
-                    index.apply(ev);
+                    index.apply(match ev {
+                        watcher::Event::Apply(j) => watcher::Event::Apply(j.0),
+                        watcher::Event::Delete(j) => watcher::Event::Delete(j.0),
+                        watcher::Event::InitApply(j) => watcher::Event::InitApply(j.0),
+                        watcher::Event::Init => watcher::Event::Init,
+                        watcher::Event::InitDone => watcher::Event::InitDone,
+                    });
                 }
                 Err(e) => tracing::warn!(error = %e, kind = "Job", "watch"),
             }
@@ -275,10 +396,7 @@ mod tests {
 
         ix.apply(watcher::Event::Apply(job("a", "web", "deploy", true)));
         assert!(ix.active(&href("web"), "deploy").is_empty());
-        let done = ix.finished(&href("web"));
-        assert_eq!(done.len(), 1);
-        // Kept stripped: no Pod template beyond the first container's environment.
-        assert!(done[0].spec.as_ref().unwrap().template.metadata.is_none());
+        assert_eq!(ix.finished(&href("web")).len(), 1);
 
         ix.apply(watcher::Event::Delete(job("a", "web", "deploy", true)));
         assert!(ix.finished(&href("web")).is_empty());
@@ -291,6 +409,45 @@ mod tests {
         assert_eq!(ix.len(), 1);
         assert_eq!(ix.active(&href("web"), "deploy"), vec!["d".to_string()]);
         assert!(ix.finished(&href("db")).is_empty());
+    }
+
+    #[test]
+    fn a_watched_job_keeps_what_is_read_and_nothing_else() {
+        let full = serde_json::json!({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "web-deploy-1", "namespace": "ns", "uid": "u1",
+                "resourceVersion": "42", "labels": {LABEL_HANDLER: "web", LABEL_ROUTE: "deploy"},
+                "annotations": {"serf.operator.io/report": "pending"},
+                "ownerReferences": [{"apiVersion": "serf.operator.io/v1alpha1",
+                    "kind": "SerfHandler", "name": "web", "uid": "h1", "controller": true}],
+                "managedFields": [{"manager": "serf-operator", "operation": "Update",
+                    "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:template": {}}}}]},
+            "spec": {"backoffLimit": 2, "template": {
+                "metadata": {"annotations": {"serf.operator.io/stdin": "payload"}},
+                "spec": {"restartPolicy": "Never", "containers": [
+                    {"name": "c", "image": "busybox", "args": ["x"],
+                     "env": [{"name": "SERF_EVENT", "value": "user"}]},
+                    {"name": "d", "image": "busybox"}]}}},
+            "status": {"conditions": [{"type": "Complete", "status": "True"}]}
+        });
+        let w: WatchedJob = serde_json::from_value(full).unwrap();
+        let m = &w.0.metadata;
+        assert_eq!(m.resource_version.as_deref(), Some("42"));
+        assert_eq!(m.labels.as_ref().unwrap().len(), 2);
+        assert_eq!(m.annotations.as_ref().unwrap().len(), 1);
+        assert_eq!(m.owner_references.as_ref().unwrap()[0].name, "web");
+        assert!(m.managed_fields.is_none());
+        let spec = w.0.spec.as_ref().unwrap();
+        assert!(spec.backoff_limit.is_none() && spec.template.metadata.is_none());
+        let containers = &spec.template.spec.as_ref().unwrap().containers;
+        assert_eq!(containers.len(), 1);
+        assert!(containers[0].image.is_none() && containers[0].args.is_none());
+        assert_eq!(containers[0].env.as_ref().unwrap()[0].name, "SERF_EVENT");
+        assert!(crate::report::finish_condition(&w.0).is_some());
+        // A Job without spec or status decodes too.
+        let bare: WatchedJob =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
+        assert!(bare.0.spec.is_none() && bare.0.status.is_none());
     }
 
     #[test]

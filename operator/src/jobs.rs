@@ -116,33 +116,6 @@ pub fn stdin_as_annotation(stdin: &[u8]) -> Option<&str> {
         .filter(|t| !t.contains('\0'))
 }
 
-/// What the operator keeps of a Job in its cache: metadata (labels, the event and report
-/// annotations), status, and of the spec only its first container's environment (a report
-/// reads the launching event's `SERF_*` values there). The pod template's `/serf/stdin`
-/// annotation (up to 64 KiB), volumes and the rest are dropped.
-pub fn strip_for_cache(job: &mut Job) {
-    if let Some(spec) = job.spec.as_mut() {
-        let first = spec
-            .template
-            .spec
-            .as_ref()
-            .and_then(|p| p.containers.first())
-            .map(|c| Container {
-                name: c.name.clone(),
-                env: c.env.clone(),
-                ..Default::default()
-            });
-        spec.template = k8s_openapi::api::core::v1::PodTemplateSpec {
-            metadata: None,
-            spec: first.map(|c| k8s_openapi::api::core::v1::PodSpec {
-                containers: vec![c],
-                ..Default::default()
-            }),
-        };
-        spec.selector = None;
-    }
-}
-
 /// Gives every container of the template a Serf agent to call: `SERF_RPC_ADDR`, and
 /// `SERF_RPC_AUTH` from the Secret, first in each container's `env` (the `serf` CLI reads
 /// both). A template variable of the same name is replaced.

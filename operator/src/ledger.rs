@@ -214,13 +214,31 @@ pub async fn write_key(
     }
     let cm =
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {key: text}});
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(cm),
-    )
-    .await
-    .map(|_| ())
+    apply_unread(client, api.resource_url(), name, None, cm).await
+}
+
+/// Server-side applies `body` to the object `name` under `url` (or to its `subresource`),
+/// under the operator's field manager, forced. The answer is checked, not decoded: it is the
+/// whole object again, with its managed fields, and nothing in it is read.
+///
+/// # Errors
+/// The API error.
+pub async fn apply_unread(
+    client: &Client,
+    url: &str,
+    name: &str,
+    subresource: Option<&str>,
+    body: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(body);
+    let request = kube::core::Request::new(url);
+    let req = match subresource {
+        Some(sub) => request.patch_subresource(sub, name, &pp, &patch),
+        None => request.patch(name, &pp, &patch),
+    }
+    .map_err(kube::Error::BuildRequest)?;
+    client.request_text(req).await.map(|_| ())
 }
 
 /// Writes a handler's ledger ConfigMap (server-side apply), owned by the handler.

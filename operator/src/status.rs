@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serf_client::Member;
 use serf_operator_crds::{
@@ -25,18 +24,12 @@ pub async fn write_status(
     status: &SerfHandlerStatus,
 ) -> Result<(), kube::Error> {
     let api: Api<SerfHandler> = Api::namespaced(client.clone(), namespace);
-    let patch = Patch::Apply(serde_json::json!({
+    let patch = serde_json::json!({
         "apiVersion": format!("{}/{}", serf_operator_crds::GROUP, serf_operator_crds::VERSION),
         "kind": "SerfHandler",
         "status": status,
-    }));
-    match api
-        .patch_status(
-            name,
-            &PatchParams::apply(crate::ledger::FIELD_MANAGER).force(),
-            &patch,
-        )
-        .await
+    });
+    match crate::ledger::apply_unread(client, api.resource_url(), name, Some("status"), patch).await
     {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
