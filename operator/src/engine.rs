@@ -1273,12 +1273,16 @@ fn launch_or_skip(
     let key_refs: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
     let job_name = naming::job_name(&handler.name, &route.name, &key_refs);
     // The event's own Job being active is not a conflict: creating it again is a no-op.
-    let active: Vec<String> = ctx
-        .active
-        .active(handler, &route.name)
-        .into_iter()
-        .filter(|n| *n != job_name)
-        .collect();
+    // Asked only where the policy reads it.
+    let active: Vec<String> = match route.policy {
+        ConcurrencyPolicy::Allow => Vec::new(),
+        ConcurrencyPolicy::Forbid | ConcurrencyPolicy::Replace => ctx
+            .active
+            .active(handler, &route.name)
+            .into_iter()
+            .filter(|n| *n != job_name)
+            .collect(),
+    };
     let replace = match route.policy {
         ConcurrencyPolicy::Forbid if !active.is_empty() => {
             return Action::Skip {

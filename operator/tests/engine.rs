@@ -527,19 +527,7 @@ fn concurrency_policies() {
         other => panic!("{other:?}"),
     }
 
-    let replace = handler(&format!(
-        r#"
-apiVersion: serf.operator.io/v1alpha1
-kind: SerfHandler
-metadata: {{name: r, namespace: ns}}
-spec:
-  routes:
-    - name: go
-      events: user:go
-      concurrencyPolicy: Replace
-{JOB}
-"#
-    ));
+    let replace = handler(&route_with_policy("Replace"));
     let mut engine = Engine::new(&replace, Membership::default());
     let mut active: BTreeMap<(String, String, String), Vec<String>> = BTreeMap::new();
     active.insert(
@@ -554,6 +542,44 @@ spec:
         SystemTime::UNIX_EPOCH,
     );
     assert_eq!(launches(&o)[0].replace, ["r-go-1"]);
+
+    // Under Allow (the default) the active Jobs are not asked for at all: on every event it
+    // would be a lookup for nothing.
+    struct Counting(std::cell::Cell<usize>);
+    impl ActiveJobs for Counting {
+        fn active(&self, _: &HandlerRef, _: &str) -> Vec<String> {
+            self.0.set(self.0.get() + 1);
+            vec!["busy".into()]
+        }
+    }
+    let allow = handler(&route_with_policy("Allow"));
+    let mut engine = Engine::new(&allow, Membership::default());
+    let counting = Counting(std::cell::Cell::new(0));
+    let o = route_with(
+        &mut engine,
+        &user("go", 2, b""),
+        &node("x"),
+        &counting,
+        SystemTime::UNIX_EPOCH,
+    );
+    assert_eq!(launches(&o).len(), 1);
+    assert_eq!(counting.0.get(), 0);
+}
+
+fn route_with_policy(policy: &str) -> String {
+    format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: r, namespace: ns}}
+spec:
+  routes:
+    - name: go
+      events: user:go
+      concurrencyPolicy: {policy}
+{JOB}
+"#
+    )
 }
 
 #[test]
