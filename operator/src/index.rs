@@ -324,8 +324,14 @@ fn owner_trigger(job: &Job) -> Job {
     }
 }
 
-/// Keeps `index` up to date from a watch of `api` (retried with backoff), and sends each
-/// changed Job's owner reference to `owners` (the handler controller's trigger).
+/// Whether a Job's change is worth a reconcile of its handler: only a finished Job is pruned
+/// or reported, so the changes of a running one (created, Pod started) are not.
+fn triggers_owner(job: &Job) -> bool {
+    crate::report::finish_condition(job).is_some()
+}
+
+/// Keeps `index` up to date from a watch of `api` (retried with backoff), and sends the owner
+/// reference of each changed finished Job to `owners` (the handler controller's trigger).
 pub async fn maintain(
     api: kube::Api<WatchedJob>,
     cfg: watcher::Config,
@@ -337,7 +343,9 @@ pub async fn maintain(
         .for_each(|r| {
             match r {
                 Ok(ev) => {
-                    if let watcher::Event::Apply(j) | watcher::Event::InitApply(j) = &ev {
+                    if let watcher::Event::Apply(j) | watcher::Event::InitApply(j) = &ev
+                        && triggers_owner(&j.0)
+                    {
                         let _ = owners.unbounded_send(owner_trigger(&j.0));
                     }
                     index.apply(match ev {
@@ -444,10 +452,15 @@ mod tests {
         assert!(containers[0].image.is_none() && containers[0].args.is_none());
         assert_eq!(containers[0].env.as_ref().unwrap()[0].name, "SERF_EVENT");
         assert!(crate::report::finish_condition(&w.0).is_some());
-        // A Job without spec or status decodes too.
+        assert!(
+            triggers_owner(&w.0),
+            "a finished Job is worth its handler's reconcile"
+        );
+        // A Job without spec or status decodes too; running, it triggers nothing.
         let bare: WatchedJob =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
         assert!(bare.0.spec.is_none() && bare.0.status.is_none());
+        assert!(!triggers_owner(&bare.0));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The SerfHandler controller: on every spec change (and on every change of a Job it owns)
+//! The SerfHandler controller: on every spec change (and whenever a Job it owns finishes)
 //! it validates the handler's routes, hands Ready and `observedGeneration` to the state
 //! writer, and, on the leader, prunes finished Jobs beyond the history limits, each only
 //! once the launch ledger records it (so its event cannot launch it again).
