@@ -248,7 +248,7 @@ impl<E: Effects> Dispatcher<E> {
         match c {
             Control::Handlers(handlers) => {
                 let current: std::collections::BTreeSet<(String, String)> =
-                    handlers.iter().map(|h| handler_key(h)).collect();
+                    handlers.iter().map(|h| HandlerRef::key_of(h)).collect();
                 let gone: Vec<(String, String)> = self
                     .handlers
                     .keys()
@@ -292,7 +292,12 @@ impl<E: Effects> Dispatcher<E> {
         let mut changed = Vec::new();
         for h in handlers {
             let v = (h.metadata.uid.clone(), h.metadata.generation);
-            if self.handlers.insert(handler_key(h), v.clone()).as_ref() != Some(&v) {
+            if self
+                .handlers
+                .insert(HandlerRef::key_of(h), v.clone())
+                .as_ref()
+                != Some(&v)
+            {
                 changed.push(HandlerRef::of(h));
             }
         }
@@ -696,10 +701,4 @@ impl SkipReason {
             _ => DropReason::Filtered,
         }
     }
-}
-
-/// A handler's (namespace, name), as [`HandlerRef::of`] gives them.
-fn handler_key(h: &SerfHandler) -> (String, String) {
-    let r = HandlerRef::of(h);
-    (r.namespace, r.name)
 }

@@ -64,6 +64,12 @@ impl HandlerRef {
             uid: h.metadata.uid.clone(),
         }
     }
+
+    /// A handler's (namespace, name), as [`HandlerRef::of`] gives them.
+    pub fn key_of(h: &serf_operator_crds::SerfHandler) -> (String, String) {
+        let r = HandlerRef::of(h);
+        (r.namespace, r.name)
+    }
 }
 
 impl std::fmt::Display for HandlerRef {

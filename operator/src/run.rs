@@ -138,12 +138,6 @@ fn watch_handlers(
     reader
 }
 
-/// A handler's (namespace, name).
-fn key_of(h: &SerfHandler) -> (String, String) {
-    let r = HandlerRef::of(h);
-    (r.namespace, r.name)
-}
-
 /// Runs the operator until `shutdown` resolves, then stops reading events, lets in-flight
 /// Job creates finish (bounded by the grace period), hands the rest over to the next start,
 /// writes status, and returns.
@@ -358,7 +352,7 @@ pub async fn run(
                 let (status_msg, control_msg) = if taken.relisted {
                     let all: Vec<Arc<SerfHandler>> =
                         stores.iter().flat_map(|s| s.state()).collect();
-                    let present = all.iter().map(|h| key_of(h)).collect();
+                    let present = all.iter().map(|h| HandlerRef::key_of(h)).collect();
                     (StatusMsg::Present(present), Control::Handlers(all))
                 } else if taken.keys.is_empty() {
                     continue;
@@ -370,7 +364,7 @@ pub async fn run(
                             None => gone.push((k.namespace.unwrap_or_default(), k.name)),
                         }
                     }
-                    let present = changed.iter().map(|h| key_of(h)).collect();
+                    let present = changed.iter().map(|h| HandlerRef::key_of(h)).collect();
                     (
                         StatusMsg::Changed {
                             present,
