@@ -5,9 +5,11 @@
 //! again later (an agent joining with `-replay` re-delivers up to 512 past user events). So
 //! every launched Job's name is also recorded, per handler, in a ConfigMap
 //! `<handler>-serf-launched` in the handler's namespace (owned by the handler). An entry is
-//! kept while it is younger than the horizon (7 days by default) or among the newest 2,048
-//! of the handler; both bounds exceed what Serf can replay. A name in the ledger is not
-//! launched again. Also persisted here: the membership last acted on.
+//! kept while it is among the newest 2,048 of the handler, or younger than the horizon (7
+//! days) and among the newest 16,384; both bounds exceed what Serf can replay (512 user
+//! events), and the last keeps a ledger near 500 KiB, inside a ConfigMap's 1 MiB, and its
+//! memory bounded under any event rate. A name in the ledger is not launched again. Also
+//! persisted here: the membership last acted on.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,8 +26,11 @@ use crate::jobs::HandlerRef;
 pub const FIELD_MANAGER: &str = "serf-operator";
 /// Entries kept per handler regardless of age.
 pub const KEEP_NEWEST: usize = 2048;
-/// Entries younger than this (seconds) are kept regardless of count.
+/// Entries younger than this (seconds) are kept up to [`MAX_ENTRIES`].
 pub const HORIZON_SECS: i64 = 7 * 24 * 3600;
+/// The most entries a handler's ledger keeps, however young: about 33 bytes each, so the
+/// ConfigMap stays well inside its 1 MiB.
+pub const MAX_ENTRIES: usize = 16 * 1024;
 const DATA_KEY: &str = "launched";
 
 /// Now, in unix seconds (the ledger's clock).
@@ -107,7 +112,8 @@ impl Ledger {
         }
     }
 
-    /// Drops what is both older than the horizon and beyond the newest [`KEEP_NEWEST`].
+    /// Drops what is both older than the horizon and beyond the newest [`KEEP_NEWEST`], and
+    /// everything beyond the newest [`MAX_ENTRIES`].
     fn compact(l: &mut HandlerLedger, now: i64) {
         if l.entries.len() <= KEEP_NEWEST {
             return;
@@ -118,7 +124,7 @@ impl Ledger {
         let keep: BTreeSet<String> = by_time
             .into_iter()
             .enumerate()
-            .filter(|(i, (t, _))| *i < KEEP_NEWEST || now - *t < HORIZON_SECS)
+            .filter(|(i, (t, _))| *i < KEEP_NEWEST || (now - *t < HORIZON_SECS && *i < MAX_ENTRIES))
             .map(|(_, (_, n))| n)
             .collect();
         l.entries.retain(|n, _| keep.contains(n));
@@ -349,5 +355,22 @@ mod tests {
         }
         assert_eq!(young.take_dirty(now)[0].1.lines().count(), KEEP_NEWEST + 10);
         assert!(young.take_dirty(now).is_empty());
+        // But not past MAX_ENTRIES: a high event rate keeps the ConfigMap under 1 MiB.
+        let mut busy = Ledger::default();
+        for i in 0..(MAX_ENTRIES + 500) {
+            busy.record(
+                &h(),
+                &format!("bench-go-{i:012x}"),
+                now - 1000 + (i / 100) as i64,
+            );
+        }
+        let text = &busy.take_dirty(now)[0].1;
+        assert_eq!(text.lines().count(), MAX_ENTRIES);
+        assert!(text.len() < 700 * 1024, "{} bytes", text.len());
+        let mut back = Ledger::default();
+        back.load(&h(), text);
+        let newest = format!("bench-go-{:012x}", MAX_ENTRIES + 499);
+        assert!(back.contains(&h(), &newest));
+        assert!(!back.contains(&h(), "bench-go-000000000000"));
     }
 }
