@@ -64,6 +64,26 @@ fn job(name: &str) -> Job {
     .unwrap_or_default()
 }
 
+/// POSTs `job`, then waits (up to 10 s) for the watch to see it: the ms from the POST to
+/// then, or `None` when it was not seen.
+async fn post_until_seen(
+    japi: &Api<Job>,
+    job: &Job,
+    seen: &Mutex<BTreeMap<String, Instant>>,
+) -> anyhow::Result<Option<f64>> {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let t0 = Instant::now();
+    japi.create(&PostParams::default(), job).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() <= deadline {
+        if let Some(t) = seen.lock().ok().and_then(|m| m.get(&name).copied()) {
+            return Ok(Some(t.saturating_duration_since(t0).as_secs_f64() * 1000.0));
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    Ok(None)
+}
+
 /// `count` Jobs exactly as the operator makes them for user events `burst` with ltimes from
 /// `ltime`, built by its engine for the handler `owner`.
 fn operator_jobs(owner: &serf_operator_crds::SerfHandler, count: usize, ltime: u64) -> Vec<Job> {
@@ -201,24 +221,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // 2. A bare Job POST from the same client, sequential.
-    let mut post = Vec::new();
     let mut post_seen = Vec::new();
     for i in 0..n {
-        let name = format!("bare-{i}");
-        let t0 = Instant::now();
-        japi.create(&PostParams::default(), &job(&name)).await?;
-        post.push(t0.elapsed().as_secs_f64() * 1000.0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(t) = seen.lock().ok().and_then(|m| m.get(&name).copied()) {
-                post_seen.push(t.saturating_duration_since(t0).as_secs_f64() * 1000.0);
-                break;
-            }
-            if Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
+        post_seen.extend(post_until_seen(&japi, &job(&format!("bare-{i}")), &seen).await?);
     }
 
     // 2b. The same, with the operator's own Job objects (its Job's weight at the API
@@ -226,20 +231,7 @@ async fn main() -> anyhow::Result<()> {
     let owner = hapi.get("bench").await?;
     let mut own_seen = Vec::new();
     for job in operator_jobs(&owner, n, 2_000_000) {
-        let name = job.metadata.name.clone().unwrap_or_default();
-        let t0 = Instant::now();
-        japi.create(&PostParams::default(), &job).await?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(t) = seen.lock().ok().and_then(|m| m.get(&name).copied()) {
-                own_seen.push(t.saturating_duration_since(t0).as_secs_f64() * 1000.0);
-                break;
-            }
-            if Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
+        own_seen.extend(post_until_seen(&japi, &job, &seen).await?);
     }
 
     // 3. Sustained: fire events as fast as the agent takes them; count the Jobs.
