@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
         engine.router().route_count(),
         1000,
         "{:?}",
-        engine.router().errors().first()
+        engine.router().errors().next()
     );
     let node = SelfNode {
         name: "n1".into(),

@@ -309,8 +309,10 @@ impl<E: Effects> Dispatcher<E> {
     fn routes_updated(&mut self, seen: usize, compiled: usize, changed: &[HandlerRef]) {
         tracing::debug!(handlers = seen, compiled, "routes updated");
         if compiled > 0 {
-            for e in self.engine.router().errors() {
-                tracing::debug!("{e}");
+            for h in changed {
+                for e in self.engine.router().errors_of(h) {
+                    tracing::debug!("{e}");
+                }
             }
         }
         self.publish_membership_for(changed);

@@ -92,10 +92,18 @@ enum IndexKey {
 }
 
 /// Handlers compiled for routing, with routes indexed by event type and name.
+///
+/// A compiled handler sits in a slot that stays put while other handlers come and go, and the
+/// index refers to routes by (slot, route): adding, changing or removing one handler touches
+/// its own index entries only, whatever the number of handlers.
 pub struct Router {
-    handlers: Vec<CompiledHandler>,
+    slots: Vec<Option<CompiledHandler>>,
+    /// Slots emptied by removals, reused first.
+    free: Vec<usize>,
+    /// (namespace, name) → slot: the handlers in name order.
+    by_name: BTreeMap<(String, String), usize>,
+    /// Each list sorted by (slot, route).
     index: HashMap<IndexKey, Vec<(usize, usize)>>,
-    errors: Vec<RouteError>,
 }
 
 /// Compiles an anchored regex, as `serf members -tag` anchors its filters.
@@ -142,9 +150,10 @@ impl Router {
     /// every valid route routes.
     pub fn new(handlers: &[SerfHandler]) -> Router {
         let mut out = Router {
-            handlers: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_name: BTreeMap::new(),
             index: HashMap::new(),
-            errors: Vec::new(),
         };
         let refs: Vec<&SerfHandler> = handlers.iter().collect();
         out.sync(&refs);
@@ -155,124 +164,127 @@ impl Router {
     /// is compiled again, a new one compiled, a gone one dropped; the others are kept as
     /// they are. Returns how many handlers were compiled.
     pub fn sync(&mut self, handlers: &[&SerfHandler]) -> usize {
-        fn key(h: &SerfHandler) -> (&str, &str) {
-            (
-                h.metadata.namespace.as_deref().unwrap_or("default"),
-                h.metadata.name.as_deref().unwrap_or(""),
-            )
-        }
-        let mut sorted: Vec<&SerfHandler> = handlers.to_vec();
-        sorted.sort_by(|a, b| key(a).cmp(&key(b)));
-        // A merge of two sorted lists: the compiled table and the current set.
-        let mut old = std::mem::take(&mut self.handlers).into_iter().peekable();
-        let mut compiled = 0;
-        let mut removed = false;
-        for h in sorted {
-            let k = key(h);
-            while old
-                .peek()
-                .is_some_and(|o| (o.handler.namespace.as_str(), o.handler.name.as_str()) < k)
-            {
-                old.next();
-                removed = true;
-            }
-            let version = (h.metadata.uid.as_ref(), h.metadata.generation);
-            let same = old.peek().is_some_and(|o| {
-                (o.handler.namespace.as_str(), o.handler.name.as_str()) == k
-                    && (o.version.0.as_ref(), o.version.1) == version
-                    && version.1.is_some()
-            });
-            if same {
-                if let Some(o) = old.next() {
-                    self.handlers.push(o);
-                }
-                continue;
-            }
-            if old
-                .peek()
-                .is_some_and(|o| (o.handler.namespace.as_str(), o.handler.name.as_str()) == k)
-            {
-                old.next();
-            }
-            compiled += 1;
-            self.handlers.push(Router::compile(h));
-        }
-        removed |= old.next().is_some();
-        if compiled > 0 || removed {
-            self.reindex();
-        }
-        compiled
+        let present: std::collections::BTreeSet<(String, String)> =
+            handlers.iter().map(|h| name_of(h)).collect();
+        let gone: Vec<(String, String)> = self
+            .by_name
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        self.update(handlers, &gone)
     }
 
     /// Applies changes: each handler in `changed` compiled again when its spec changed (by
     /// UID and generation) or added, each `(namespace, name)` in `gone` dropped; the others
     /// are not looked at. Returns how many handlers were compiled.
     pub fn update(&mut self, changed: &[&SerfHandler], gone: &[(String, String)]) -> usize {
-        let find = |hs: &[CompiledHandler], ns: &str, name: &str| {
-            hs.binary_search_by(|o| {
-                (o.handler.namespace.as_str(), o.handler.name.as_str()).cmp(&(ns, name))
-            })
-        };
-        let mut touched = false;
-        for (ns, name) in gone {
-            if let Ok(i) = find(&self.handlers, ns, name) {
-                self.handlers.remove(i);
-                touched = true;
+        for key in gone {
+            if let Some(slot) = self.by_name.remove(key) {
+                self.unindex(slot);
+                self.slots[slot] = None;
+                self.free.push(slot);
             }
         }
         let mut compiled = 0;
         for h in changed {
-            let ns = h.metadata.namespace.as_deref().unwrap_or("default");
-            let name = h.metadata.name.as_deref().unwrap_or("");
+            let key = name_of(h);
             let version = (h.metadata.uid.as_ref(), h.metadata.generation);
-            match find(&self.handlers, ns, name) {
-                Ok(i) => {
-                    let o = &self.handlers[i];
-                    if (o.version.0.as_ref(), o.version.1) == version && version.1.is_some() {
+            let slot = match self.by_name.get(&key) {
+                Some(&slot) => {
+                    let same = self.slots[slot].as_ref().is_some_and(|o| {
+                        (o.version.0.as_ref(), o.version.1) == version && version.1.is_some()
+                    });
+                    if same {
                         continue;
                     }
-                    self.handlers[i] = Router::compile(h);
+                    self.unindex(slot);
+                    slot
                 }
-                Err(i) => self.handlers.insert(i, Router::compile(h)),
-            }
+                None => {
+                    let slot = self.free.pop().unwrap_or_else(|| {
+                        self.slots.push(None);
+                        self.slots.len() - 1
+                    });
+                    self.by_name.insert(key, slot);
+                    slot
+                }
+            };
+            self.slots[slot] = Some(Router::compile(h));
+            self.index_slot(slot);
             compiled += 1;
-            touched = true;
-        }
-        if touched {
-            self.reindex();
         }
         compiled
     }
 
-    /// Rebuilds the index and the error list from the compiled handlers (no compiling).
-    fn reindex(&mut self) {
-        self.index.clear();
-        self.errors.clear();
-        for (hi, compiled) in self.handlers.iter().enumerate() {
-            self.errors.extend(compiled.errors.iter().cloned());
-            if !compiled.usable {
-                continue;
+    /// Adds the routes of the handler in `slot` to the index.
+    fn index_slot(&mut self, slot: usize) {
+        let Some(compiled) = self.slots[slot].as_ref().filter(|c| c.usable) else {
+            return;
+        };
+        for (ri, route) in compiled.routes.iter().enumerate() {
+            for key in index_keys(&route.filter) {
+                let list = self.index.entry(key).or_default();
+                if let Err(at) = list.binary_search(&(slot, ri)) {
+                    list.insert(at, (slot, ri));
+                }
             }
-            for (ri, route) in compiled.routes.iter().enumerate() {
-                for key in index_keys(&route.filter) {
-                    let slot = self.index.entry(key).or_default();
-                    if slot.last() != Some(&(hi, ri)) {
-                        slot.push((hi, ri));
+        }
+    }
+
+    /// Takes the routes of the handler in `slot` out of the index.
+    fn unindex(&mut self, slot: usize) {
+        let Some(compiled) = self.slots[slot].as_ref().filter(|c| c.usable) else {
+            return;
+        };
+        for route in &compiled.routes {
+            for key in index_keys(&route.filter) {
+                if let Some(list) = self.index.get_mut(&key) {
+                    let from = list.partition_point(|&(s, _)| s < slot);
+                    let to = list.partition_point(|&(s, _)| s <= slot);
+                    list.drain(from..to);
+                    if list.is_empty() {
+                        self.index.remove(&key);
                     }
                 }
             }
         }
     }
 
-    /// The routes that could not be compiled, with the reason.
-    pub fn errors(&self) -> &[RouteError] {
-        &self.errors
+    /// The compiled handlers, in (namespace, name) order.
+    fn handlers(&self) -> impl Iterator<Item = &CompiledHandler> {
+        self.by_name
+            .values()
+            .filter_map(|&slot| self.slots[slot].as_ref())
+    }
+
+    /// The compiled handler in `slot`.
+    fn slot(&self, slot: usize) -> Option<&CompiledHandler> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    /// The slot of a handler.
+    fn slot_of(&self, handler: &HandlerRef) -> Option<usize> {
+        self.by_name
+            .get(&(handler.namespace.clone(), handler.name.clone()))
+            .copied()
+    }
+
+    /// The routes that could not be compiled, with the reason, in handler order.
+    pub fn errors(&self) -> impl Iterator<Item = &RouteError> {
+        self.handlers().flat_map(|h| h.errors.iter())
+    }
+
+    /// The route errors of one handler.
+    pub fn errors_of(&self, handler: &HandlerRef) -> &[RouteError] {
+        self.slot_of(handler)
+            .and_then(|s| self.slot(s))
+            .map_or(&[], |h| h.errors.as_slice())
     }
 
     /// Number of routes that route.
     pub fn route_count(&self) -> usize {
-        self.handlers
-            .iter()
+        self.handlers()
             .filter(|h| h.usable)
             .map(|h| h.routes.len())
             .sum()
@@ -452,11 +464,7 @@ impl Router {
     /// Whether a handler's member filters select `m`: any route's `members` filters match,
     /// or the handler has none.
     pub fn selects_member(&self, handler: &HandlerRef, m: &Member) -> bool {
-        let Some(h) = self
-            .handlers
-            .iter()
-            .find(|h| h.handler.namespace == handler.namespace && h.handler.name == handler.name)
-        else {
+        let Some(h) = self.slot_of(handler).and_then(|s| self.slot(s)) else {
             return false;
         };
         let filters: Vec<&Vec<(String, Regex)>> = h
@@ -472,8 +480,8 @@ impl Router {
             })
     }
 
-    /// The routes whose filter takes an event of `kind` named `name`, in handler order,
-    /// found through the index (not by scanning every route).
+    /// The routes whose filter takes an event of `kind` named `name` as (slot, route), in
+    /// handler order, found through the index (not by scanning every route).
     fn candidates(&self, kind: &str, name: &str) -> Vec<(usize, usize)> {
         let mut keys = vec![IndexKey::All];
         match kind {
@@ -489,8 +497,24 @@ impl Router {
             .collect();
         out.sort_unstable();
         out.dedup();
+        let order = |&(slot, ri): &(usize, usize)| {
+            self.slot(slot)
+                .map(|h| (h.handler.namespace.as_str(), h.handler.name.as_str(), ri))
+        };
+        out.sort_by(|a, b| order(a).cmp(&order(b)));
         out
     }
+}
+
+/// A handler's (namespace, name), as the route table keys it.
+fn name_of(h: &SerfHandler) -> (String, String) {
+    (
+        h.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        h.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 fn index_keys(filter: &EventFilter) -> Vec<IndexKey> {
@@ -1025,7 +1049,9 @@ impl Engine {
         let mut job_name_answer: Option<Action> = None;
         let candidates = self.router.candidates(event.kind(), &name);
         for (hi, ri) in candidates {
-            let h = &self.router.handlers[hi];
+            let Some(h) = self.router.slot(hi) else {
+                continue;
+            };
             let r = &h.routes[ri];
             let skip = |reason: SkipReason, message: String| Action::Skip {
                 handler: h.handler.clone(),
@@ -1206,11 +1232,9 @@ impl Engine {
             let Some(batch) = self.batches.remove(&key) else {
                 continue;
             };
-            let Some((hi, ri)) = self.find(&batch.handler, &batch.route) else {
+            let Some((h, r)) = self.find(&batch.handler, &batch.route) else {
                 continue;
             };
-            let h = &self.router.handlers[hi];
-            let r = &h.routes[ri];
             let RouteAction::Job(template) = &r.action else {
                 continue;
             };
@@ -1244,15 +1268,18 @@ impl Engine {
         out
     }
 
-    fn find(&self, handler: &HandlerRef, route: &str) -> Option<(usize, usize)> {
-        let hi = self.router.handlers.iter().position(|h| {
-            h.usable && h.handler.namespace == handler.namespace && h.handler.name == handler.name
-        })?;
-        let ri = self.router.handlers[hi]
-            .routes
-            .iter()
-            .position(|r| r.name == route)?;
-        Some((hi, ri))
+    fn find(
+        &self,
+        handler: &HandlerRef,
+        route: &str,
+    ) -> Option<(&CompiledHandler, &CompiledRoute)> {
+        let h = self
+            .router
+            .slot_of(handler)
+            .and_then(|s| self.router.slot(s))
+            .filter(|h| h.usable)?;
+        let r = h.routes.iter().find(|r| r.name == route)?;
+        Some((h, r))
     }
 }
 

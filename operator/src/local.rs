@@ -353,7 +353,6 @@ pub fn route_once(
         .engine()
         .router()
         .errors()
-        .iter()
         .map(ToString::to_string)
         .collect();
     if let Some(at) = d.next_deadline() {

@@ -387,7 +387,8 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
     let mut book = serf_operator::status::StatusBook::default();
     let errors = serf_operator::engine::Router::new(std::slice::from_ref(&*handler))
         .errors()
-        .to_vec();
+        .cloned()
+        .collect::<Vec<_>>();
     book.sync_handler(&handler, &errors, "2026-11-23T12:00:00Z");
     let s = book.get("apps", "web").unwrap();
     assert_eq!(s.observed_generation, Some(5));

@@ -136,11 +136,8 @@ fn every_example_parses_and_has_valid_routes() {
         .collect();
     assert_eq!(names, ["db", "db-remediation", "web", "where"]);
     let engine = Engine::new(&handlers, Membership::default());
-    assert!(
-        engine.router().errors().is_empty(),
-        "{:?}",
-        engine.router().errors()
-    );
+    let errors: Vec<_> = engine.router().errors().collect();
+    assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(engine.router().route_count(), 5);
     // Triggers parse too (and are not handlers).
     for f in std::fs::read_dir(examples().join("triggers")).unwrap() {
@@ -726,12 +723,7 @@ spec:
 "#
     ));
     let mut engine = Engine::new(&hs, Membership::default());
-    let errors: Vec<String> = engine
-        .router()
-        .errors()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let errors: Vec<String> = engine.router().errors().map(ToString::to_string).collect();
     let expect = [
         "SerfHandler ns/badrole: role: regex",
         "SerfHandler ns/mixed route bad-filter: events: invalid request: invalid event filter item \" query\"",
@@ -911,6 +903,28 @@ fn incremental_handler_changes_route_like_a_full_compile() {
         names_of(&route(&mut engine, &user("a", 3, b""), &node("web"))),
         vec!["h01", "h03"]
     );
+}
+
+#[test]
+fn route_order_is_handler_order_whatever_the_update_order() {
+    let spec = |name: &str| {
+        format!(
+            "---\napiVersion: serf.operator.io/v1alpha1\nkind: SerfHandler\nmetadata: {{name: {name}, namespace: ns, uid: u-{name}, generation: 1}}\nspec:\n  routes:\n    - name: r\n      events: \"user\"\n{JOB}\n"
+        )
+    };
+    let one = |name: &str| handler(&spec(name))[0].clone();
+    let mut engine = Engine::new(&[one("m"), one("z")], Membership::default());
+    // "a" comes after the others, and "b" takes the place "m" left.
+    engine.update_handlers(&[&one("a")], &[]);
+    engine.update_handlers(&[], &[("ns".into(), "m".into())]);
+    engine.update_handlers(&[&one("b")], &[]);
+    let order: Vec<String> = route(&mut engine, &user("go", 1, b""), &node("web"))
+        .actions
+        .iter()
+        .map(|a| a.route().0.name.clone())
+        .collect();
+    assert_eq!(order, ["a", "b", "z"]);
+    assert_eq!(engine.router().route_count(), 3);
 }
 
 fn names_of(o: &Outcome) -> Vec<String> {

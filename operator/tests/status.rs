@@ -47,7 +47,11 @@ fn counters_reasons_and_ready_condition() {
     let hs = parse_handlers(HANDLERS, Path::new("h.yaml")).unwrap();
     let engine = Engine::new(&hs, Membership::default());
     let mut book = StatusBook::default();
-    book.sync_handler(&hs[0], engine.router().errors(), "2026-11-23T10:00:00Z");
+    book.sync_handler(
+        &hs[0],
+        &engine.router().errors().cloned().collect::<Vec<_>>(),
+        "2026-11-23T10:00:00Z",
+    );
 
     let s = book.get("apps", "web").unwrap().clone();
     assert_eq!(s.observed_generation, Some(4));
@@ -156,7 +160,11 @@ fn counters_reasons_and_ready_condition() {
         .replace("generation: 4", "generation: 5");
     let hs2 = parse_handlers(&fixed, Path::new("h.yaml")).unwrap();
     let engine = Engine::new(&hs2, Membership::default());
-    book.sync_handler(&hs2[0], engine.router().errors(), "2026-11-23T11:00:00Z");
+    book.sync_handler(
+        &hs2[0],
+        &engine.router().errors().cloned().collect::<Vec<_>>(),
+        "2026-11-23T11:00:00Z",
+    );
     let s = book.get("apps", "web").unwrap();
     assert_eq!(s.conditions[0].status, "True");
     assert_eq!(s.conditions[0].reason, "RoutesValid");

@@ -136,7 +136,10 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
     let errors = match cached {
         Some(errors) => errors,
         None => {
-            let errors = Router::new(std::slice::from_ref(&*h)).errors().to_vec();
+            let errors: Vec<_> = Router::new(std::slice::from_ref(&*h))
+                .errors()
+                .cloned()
+                .collect();
             for e in &errors {
                 tracing::warn!("{e}");
             }
