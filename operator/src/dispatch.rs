@@ -145,6 +145,8 @@ pub trait Effects: Send {
     fn connection(&mut self, _serf: Option<&serf_client::Client>) {}
     /// An event left the queue.
     fn dequeued(&mut self) {}
+    /// The route table took `took` to take in handler changes, `compiled` of them compiled.
+    fn routes_compiled(&mut self, _compiled: usize, _took: std::time::Duration) {}
 }
 
 /// Answers query `query_id` on `serf`. Without a connection: an error, or, when
@@ -260,7 +262,9 @@ impl<E: Effects> Dispatcher<E> {
                 }
                 let changed = self.note_versions(&handlers);
                 let refs: Vec<&SerfHandler> = handlers.iter().map(|h| h.as_ref()).collect();
+                let started = Instant::now();
                 let compiled = self.engine.sync_handlers(&refs);
+                self.effects.routes_compiled(compiled, started.elapsed());
                 self.routes_updated(refs.len(), compiled, &changed);
             }
             Control::HandlersChanged { changed, gone } => {
@@ -269,7 +273,9 @@ impl<E: Effects> Dispatcher<E> {
                 }
                 let new = self.note_versions(&changed);
                 let refs: Vec<&SerfHandler> = changed.iter().map(|h| h.as_ref()).collect();
+                let started = Instant::now();
                 let compiled = self.engine.update_handlers(&refs, &gone);
+                self.effects.routes_compiled(compiled, started.elapsed());
                 self.routes_updated(refs.len(), compiled, &new);
             }
             Control::Leader { leader, membership } => {

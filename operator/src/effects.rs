@@ -231,6 +231,12 @@ impl Effects for KubeEffects {
     fn dequeued(&mut self) {
         self.sinks.metrics.queue_depth.dec();
     }
+
+    fn routes_compiled(&mut self, compiled: usize, took: std::time::Duration) {
+        let m = &self.sinks.metrics;
+        m.handlers_compiled.inc_by(compiled as u64);
+        m.route_table_seconds.inc_by(took.as_secs_f64());
+    }
 }
 
 /// The launch workers: take Jobs from the launch queue, at most `workers` at a time, and

@@ -72,6 +72,10 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Leadership changes of this replica.
     pub lease_transitions: Counter,
+    /// Handlers compiled into the route table (new or changed specs).
+    pub handlers_compiled: Counter,
+    /// Time spent bringing the route table up to date with handler changes.
+    pub route_table_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     ready_serf: AtomicBool,
     ready_caches: AtomicBool,
 }
@@ -98,6 +102,8 @@ impl Metrics {
             reports: Family::default(),
             leader: Gauge::default(),
             lease_transitions: Counter::default(),
+            handlers_compiled: Counter::default(),
+            route_table_seconds: Counter::default(),
             ready_serf: AtomicBool::new(false),
             ready_caches: AtomicBool::new(false),
             registry: Registry::default(),
@@ -172,6 +178,16 @@ impl Metrics {
             "lease_transitions",
             "Leadership changes of this replica",
             m.lease_transitions.clone(),
+        );
+        registry.register(
+            "handlers_compiled",
+            "SerfHandlers compiled into the route table (new or changed specs only)",
+            m.handlers_compiled.clone(),
+        );
+        registry.register(
+            "route_table_seconds",
+            "Time spent updating the route table for handler changes",
+            m.route_table_seconds.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -91,9 +91,29 @@ struct HandlerChanges {
     relisted: bool,
 }
 
+/// The spec version (uid, generation) of each handler seen, to tell a spec change from a
+/// change of status or metadata alone.
+#[derive(Default)]
+struct SpecVersions(std::collections::HashMap<ObjectRef<SerfHandler>, (Option<String>, i64)>);
+
+impl SpecVersions {
+    /// Notes `h`'s version; whether it is new or differs from the one noted before (a handler
+    /// without a generation always counts as changed).
+    fn changed(&mut self, h: &SerfHandler) -> bool {
+        let Some(generation) = h.metadata.generation else {
+            return true;
+        };
+        let version = (h.metadata.uid.clone(), generation);
+        self.0.insert(ObjectRef::from_obj(h), version.clone()) != Some(version)
+    }
+}
+
 /// Keeps a store of the SerfHandlers in one scope up to date from a watch (retried with
-/// backoff; managed fields, never read, are not kept). Each change is noted in `changes`
-/// (then `changed` is notified) and sent to `trigger`, the handler controller's input.
+/// backoff; managed fields, never read, are not kept). Each new handler, change of a
+/// handler's spec (its generation) and deletion is noted in `changes` (then `changed` is
+/// notified) and sent to `trigger`, the handler controller's input. A change of status or
+/// metadata alone (the operator's own status writes) only updates the store: nothing the
+/// operator does depends on it.
 fn watch_handlers(
     set: &mut JoinSet<()>,
     api: kube::Api<SerfHandler>,
@@ -102,6 +122,7 @@ fn watch_handlers(
     trigger: futures::channel::mpsc::UnboundedSender<SerfHandler>,
 ) -> Store<SerfHandler> {
     let (reader, writer) = reflector::store();
+    let mut versions = SpecVersions::default();
     set.spawn(
         reflector::reflector(
             writer,
@@ -114,6 +135,19 @@ fn watch_handlers(
             match r {
                 Err(e) => tracing::warn!(error = %e, kind = "SerfHandler", "watch"),
                 Ok(ev) => {
+                    match &ev {
+                        watcher::Event::Init => versions = SpecVersions::default(),
+                        watcher::Event::InitApply(h) => {
+                            versions.changed(h);
+                        }
+                        watcher::Event::Apply(h) if !versions.changed(h) => {
+                            return std::future::ready(());
+                        }
+                        watcher::Event::Delete(h) => {
+                            versions.0.remove(&ObjectRef::from_obj(h));
+                        }
+                        _ => {}
+                    }
                     if let Ok(mut c) = changes.lock() {
                         match &ev {
                             watcher::Event::Apply(h) | watcher::Event::Delete(h) => {
@@ -523,5 +557,42 @@ pub async fn read_serf(
         if queue.send(input).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler(uid: &str, generation: Option<i64>, observed: Option<i64>) -> SerfHandler {
+        let mut h: SerfHandler = serde_json::from_value(serde_json::json!({
+            "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+            "metadata": {"name": "web", "namespace": "apps", "uid": uid},
+            "spec": {"routes": []}
+        }))
+        .unwrap();
+        h.metadata.generation = generation;
+        h.status = observed.map(|g| serf_operator_crds::SerfHandlerStatus {
+            observed_generation: Some(g),
+            ..Default::default()
+        });
+        h
+    }
+
+    #[test]
+    fn only_a_new_spec_counts_as_a_change() {
+        let mut v = SpecVersions::default();
+        assert!(v.changed(&handler("u1", Some(1), None)), "new");
+        assert!(
+            !v.changed(&handler("u1", Some(1), Some(1))),
+            "the operator's own status write"
+        );
+        assert!(v.changed(&handler("u1", Some(2), Some(1))), "spec edited");
+        assert!(
+            v.changed(&handler("u2", Some(2), None)),
+            "deleted and made again under the same name"
+        );
+        assert!(v.changed(&handler("u2", None, None)), "no generation");
+        assert!(v.changed(&handler("u2", None, None)));
     }
 }
