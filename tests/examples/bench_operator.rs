@@ -1,15 +1,21 @@
 //! Operator benchmark against a real cluster (KUBECONFIG) and a real Serf agent. Prints, side
-//! by side: event-to-Job latency (stream arrival to the Job seen in a watch) next to a bare
-//! Job POST from the same client; sustained user events turned into Jobs (with a loss check)
-//! next to the API server's own create rate (a minimal Job, and the very Jobs the operator
-//! makes, POSTed bare); the operator's RSS idle and with 1,000 handlers;
-//! the CPU 1,000 handler updates cost next to one full compile; and a soak at a fixed event
-//! rate (SOAK_SECS, default 600, 0 skips; SOAK_RATE events/s, default 5) with its RSS growth.
-//! Each figure is printed next to its baseline from the same run, with the ratio.
+//! by side, each figure next to its baseline from the same run, with the ratio:
+//! - event-to-Job latency (stream arrival to the Job seen in a watch; LATENCY_SAMPLES, default
+//!   300), each sample followed by a bare POST of a minimal Job and of one of the operator's
+//!   own Job objects (POST to seen), so that all three meet the same control plane;
+//! - the sustained rate, in ROUNDS rounds (default 5) of EVENTS Jobs (default 1,000): user
+//!   events turned into Jobs (with a loss check), a minimal Job and the operator's own Job
+//!   objects POSTed bare over 8 connections, in turns; medians are compared, with the
+//!   operator's CPU a Job and, given CONTROL_PLANE_PIDS (kube-apiserver, etcd, ... on this
+//!   machine), the control plane's;
+//! - the operator's RSS idle and with 1,000 handlers;
+//! - 1,000 handler updates: the operator's route-table time (its metrics) next to one full
+//!   compile of the same 1,000 handlers, and the whole operator's CPU for them;
+//! - a soak at a fixed event rate (SOAK_SECS, default 600, 0 skips; SOAK_RATE events/s,
+//!   default 5) with its RSS growth, from the start and after a warm-up (the first fifth).
 //!
 //! `cargo build --release -p serf-operator && SERF_OPERATOR_BIN=target/release/serf-operator
-//! cargo run --release -p serf-operator-e2e --example bench_operator` (EVENTS=1000 to change
-//! the sustained run's size).
+//! cargo run --release -p serf-operator-e2e --example bench_operator`
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +27,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serf_client::ClientConfig;
-use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, install_crds};
+use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, http_get, install_crds};
 use serf_testkit::{Agent, AgentConfig};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -120,6 +126,63 @@ fn operator_jobs(owner: &serf_operator_crds::SerfHandler, count: usize, ltime: u
     jobs
 }
 
+/// The three kinds of sustained run.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Run {
+    Operator,
+    Minimal,
+    Own,
+}
+
+impl Run {
+    fn label(self) -> &'static str {
+        match self {
+            Run::Operator => "operator:",
+            Run::Minimal => "minimal Job, bare:",
+            Run::Own => "its own Jobs, bare:",
+        }
+    }
+}
+
+/// What one sustained run measured.
+struct RunFigures {
+    rate: f64,
+    operator_cpu_us: f64,
+    control_plane_cpu_us: f64,
+    /// The Serf agent and this benchmark (which fires the events, or POSTs, and watches).
+    others_cpu_us: f64,
+}
+
+/// What the soak measured: RSS samples are (seconds into the soak, KiB).
+struct Soak {
+    secs: u64,
+    rate: u64,
+    sent: u64,
+    made: usize,
+    rss_start: u64,
+    rss_end: u64,
+    samples: Vec<(u64, u64)>,
+}
+
+/// Creates `jobs` over 8 connections (a failed create is printed).
+async fn create_all(japi: &Api<Job>, jobs: Vec<Job>) {
+    let jobs = Arc::new(jobs);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (japi, jobs) = (japi.clone(), jobs.clone());
+        tasks.push(tokio::spawn(async move {
+            for job in jobs.iter().skip(w).step_by(8) {
+                if let Err(e) = japi.create(&PostParams::default(), job).await {
+                    eprintln!("bare create failed: {e}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let Some(client) = cluster_or_skip("the operator benchmark").await else {
@@ -199,10 +262,18 @@ async fn main() -> anyhow::Result<()> {
     let count_before =
         |seen: &Arc<Mutex<BTreeMap<String, Instant>>>| seen.lock().map(|m| m.len()).unwrap_or(0);
 
-    // 1. Latency, one event at a time.
-    let n = 200;
-    let mut lat = Vec::new();
-    for i in 0..n {
+    eprintln!("bench: latency");
+    // 1. Latency, one event at a time, each operator sample followed by a bare POST of a
+    //    minimal Job and one of the operator's own Job objects (built by its engine), so that
+    //    all three see the same moment of the control plane.
+    let n: usize = std::env::var("LATENCY_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let owner = hapi.get("bench").await?;
+    let own_for_latency = operator_jobs(&owner, n, 2_000_000);
+    let (mut lat, mut post_seen, mut own_seen) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, own) in own_for_latency.iter().enumerate() {
         let before = count_before(&seen);
         serf.event("lat", format!("{i}").as_bytes(), false).await?;
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
@@ -218,85 +289,80 @@ async fn main() -> anyhow::Result<()> {
             .flatten()
             .unwrap_or(arrived);
         lat.push(t.saturating_duration_since(arrived).as_secs_f64() * 1000.0);
-    }
-
-    // 2. A bare Job POST from the same client, sequential.
-    let mut post_seen = Vec::new();
-    for i in 0..n {
         post_seen.extend(post_until_seen(&japi, &job(&format!("bare-{i}")), &seen).await?);
+        own_seen.extend(post_until_seen(&japi, own, &seen).await?);
     }
 
-    // 2b. The same, with the operator's own Job objects (its Job's weight at the API
-    //     server, without the operator).
-    let owner = hapi.get("bench").await?;
-    let mut own_seen = Vec::new();
-    for job in operator_jobs(&owner, n, 2_000_000) {
-        own_seen.extend(post_until_seen(&japi, &job, &seen).await?);
-    }
-
-    // 3. Sustained: fire events as fast as the agent takes them; count the Jobs.
-    let start_count = count_before(&seen);
-    let sustained_cpu_before = cpu_ms(pid);
-    let t0 = Instant::now();
-    for i in 0..sustained {
-        serf.event("burst", format!("{i}").as_bytes(), false)
-            .await?;
-    }
-    let fired = t0.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while count_before(&seen) < start_count + sustained && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let took = t0.elapsed();
-    let made = count_before(&seen) - start_count;
-    let sustained_cpu = cpu_ms(pid).saturating_sub(sustained_cpu_before);
-
-    // 4. The API server's own create rate: 8 concurrent creators.
-    let api_n = sustained;
-    let t1 = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let japi = japi.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut i = w;
-            while i < api_n {
-                let _ = japi
-                    .create(&PostParams::default(), &job(&format!("rate-{i}")))
-                    .await;
-                i += 8;
+    eprintln!("bench: sustained runs");
+    // 2. Sustained, in ROUNDS rounds (default 5). A round has three runs of EVENTS Jobs each,
+    //    every run timed from its start until the watch has seen all its Jobs: the operator
+    //    (user events fired as fast as the agent takes them), a minimal Job POSTed bare and
+    //    the operator's own Job objects POSTed bare (8 connections each). The order turns from
+    //    round to round, and the control plane gets a pause before each run, so that no run
+    //    always follows the same one. Medians are compared.
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let control_plane: Vec<u32> = std::env::var("CONTROL_PLANE_PIDS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let cp_cpu = || control_plane.iter().map(|p| cpu_ms(*p)).sum::<u64>();
+    let agent_pid = agent.pid().unwrap_or(0);
+    let mut runs: BTreeMap<Run, Vec<RunFigures>> = BTreeMap::new();
+    let (mut lost, mut fired_in) = (0usize, Vec::new());
+    let mut ltime = 1_000_000u64;
+    for round in 0..rounds {
+        for k in 0..3 {
+            let kind = [Run::Operator, Run::Minimal, Run::Own][(round + k) % 3];
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let start_count = count_before(&seen);
+            let others = || cpu_ms(agent_pid) + cpu_ms(std::process::id());
+            let (op_cpu, cp, oth) = (cpu_ms(pid), cp_cpu(), others());
+            let t0 = Instant::now();
+            match kind {
+                Run::Operator => {
+                    for i in 0..sustained {
+                        serf.event("burst", format!("{round}-{i}").as_bytes(), false)
+                            .await?;
+                    }
+                    fired_in.push(t0.elapsed().as_secs_f64());
+                }
+                Run::Minimal => {
+                    let jobs = (0..sustained)
+                        .map(|i| job(&format!("rate-{round}-{i}")))
+                        .collect();
+                    create_all(&japi, jobs).await;
+                }
+                Run::Own => {
+                    create_all(&japi, operator_jobs(&owner, sustained, ltime)).await;
+                    ltime += sustained as u64;
+                }
             }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let api_rate = api_n as f64 / t1.elapsed().as_secs_f64();
-
-    // 4b. The same, with the very Job objects the operator creates (owner reference,
-    //     labels, annotations with /serf/stdin, the SERF_* environment, the stdin volume),
-    //     built by the operator's engine for the same kind of event.
-    let own_jobs = operator_jobs(&owner, api_n, 1_000_000);
-    let own_jobs = Arc::new(own_jobs);
-    let t2 = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let japi = japi.clone();
-        let own_jobs = own_jobs.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut i = w;
-            while i < own_jobs.len() {
-                let _ = japi.create(&PostParams::default(), &own_jobs[i]).await;
-                i += 8;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while count_before(&seen) < start_count + sustained && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-        }));
+            let made = count_before(&seen) - start_count;
+            if kind == Run::Operator {
+                lost += sustained.saturating_sub(made);
+            }
+            runs.entry(kind).or_default().push(RunFigures {
+                rate: made as f64 / t0.elapsed().as_secs_f64(),
+                operator_cpu_us: cpu_ms(pid).saturating_sub(op_cpu) as f64 * 1000.0
+                    / made.max(1) as f64,
+                control_plane_cpu_us: cp_cpu().saturating_sub(cp) as f64 * 1000.0
+                    / made.max(1) as f64,
+                others_cpu_us: others().saturating_sub(oth) as f64 * 1000.0 / made.max(1) as f64,
+            });
+        }
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let own_rate = own_jobs.len() as f64 / t2.elapsed().as_secs_f64();
 
     let rss_after_jobs = rss_kib(pid);
-    // 5. RSS with 1,000 handlers loaded.
+    eprintln!("bench: 1,000 handlers");
+    // 3. RSS with 1,000 handlers loaded.
     for h in 0..1000 {
         let mut v = handler.clone();
         v["metadata"]["name"] = format!("h{h:04}").into();
@@ -311,7 +377,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_loaded = rss_kib(pid);
 
-    // 6. 1,000 handler updates (a spec change each), next to one full compile of the same
+    // 4. 1,000 handler updates (a spec change each), next to one full compile of the same
     //    1,000 handlers in this process (the baseline).
     let mut specs = Vec::new();
     for h in 0..1000 {
@@ -327,6 +393,14 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let _ = serf_operator::engine::Router::new(&specs);
     let full_compile = t.elapsed();
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let table_before = http_get(metrics, "/metrics").await.unwrap_or_default();
     let cpu_before = cpu_ms(pid);
     let t = Instant::now();
     for h in 0..1000 {
@@ -352,8 +426,15 @@ async fn main() -> anyhow::Result<()> {
         last = now;
     }
     let updates_cpu = last.saturating_sub(cpu_before);
+    let table_after = http_get(metrics, "/metrics").await.unwrap_or_default();
+    let table_ms = 1e3
+        * (metric(&table_after, "serf_operator_route_table_seconds_total")
+            - metric(&table_before, "serf_operator_route_table_seconds_total"));
+    let compiled = metric(&table_after, "serf_operator_handlers_compiled_total")
+        - metric(&table_before, "serf_operator_handlers_compiled_total");
 
-    // 7. Soak: a fixed event rate for SOAK_SECS (default 600; 0 skips), RSS sampled.
+    eprintln!("bench: soak");
+    // 5. Soak: a fixed event rate for SOAK_SECS (default 600; 0 skips), RSS sampled.
     let soak_secs: u64 = std::env::var("SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -365,7 +446,7 @@ async fn main() -> anyhow::Result<()> {
     let mut soak = None;
     if soak_secs > 0 {
         let rss_start = rss_kib(pid);
-        let mut rss_max = rss_start;
+        let mut samples = Vec::new();
         let before = count_before(&seen);
         let t = Instant::now();
         let mut sent = 0u64;
@@ -378,7 +459,7 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(wait).await;
             }
             if sent.is_multiple_of(rate.max(1) * 10) {
-                rss_max = rss_max.max(rss_kib(pid));
+                samples.push((t.elapsed().as_secs(), rss_kib(pid)));
                 // Jobs of the soak are deleted as they come (as history limits or a TTL
                 // would): what grows then is the operator, not the data it caches.
                 let _ = japi
@@ -395,102 +476,146 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let made = count_before(&seen) - before;
-        soak = Some((
-            soak_secs,
+        soak = Some(Soak {
+            secs: soak_secs,
             rate,
             sent,
             made,
             rss_start,
-            rss_kib(pid),
-            rss_max,
-        ));
+            rss_end: rss_kib(pid),
+            samples,
+        });
     }
     let _ = op.terminate();
 
-    let (mut lat_s, mut seen_s) = (lat.clone(), post_seen.clone());
-    let (l50, l99) = (pct(&mut lat_s, 0.5), pct(&mut lat, 0.99));
-    let (b50, b99) = (pct(&mut seen_s, 0.5), pct(&mut post_seen, 0.99));
-    let mut own_s = own_seen.clone();
-    let (o50, o99) = (pct(&mut own_s, 0.5), pct(&mut own_seen, 0.99));
-    let op_rate = made as f64 / took.as_secs_f64();
+    let (l50, l99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    let (b50, b99) = (pct(&mut post_seen, 0.5), pct(&mut post_seen, 0.99));
+    let (o50, o99) = (pct(&mut own_seen, 0.5), pct(&mut own_seen, 0.99));
+    let median = |kind: Run, f: fn(&RunFigures) -> f64| {
+        let mut v: Vec<f64> = runs.get(&kind).into_iter().flatten().map(f).collect();
+        pct(&mut v, 0.5)
+    };
+    let rate_of = |kind: Run| median(kind, |r| r.rate);
+    let (op_rate, min_rate, own_rate) = (
+        rate_of(Run::Operator),
+        rate_of(Run::Minimal),
+        rate_of(Run::Own),
+    );
+    let row = |what: &str, operator: String, baseline: String, ratio: String| {
+        println!("{what:<46} {operator:>18} {baseline:>34} {ratio:>14}");
+    };
     println!("serf-operator benchmark (real kube-apiserver and Serf agent on loopback; one run)");
-    println!(
-        "{:<44} {:>16} {:>26} {:>8}",
-        "", "operator", "baseline (same run)", "ratio"
-    );
-    println!(
-        "{:<44} {:>16} {:>26} {:>8}",
-        format!("latency p50, ms (n={n})"),
-        format!("{l50:.1}"),
-        format!("{b50:.1} bare POST -> watch"),
-        format!("{:.2}x", l50 / b50)
-    );
-    println!(
-        "{:<44} {:>16} {:>26} {:>8}",
-        "latency p99, ms (target <= 1.5x)",
-        format!("{l99:.1}"),
-        format!("{b99:.1} bare POST -> watch"),
-        format!("{:.2}x", l99 / b99)
-    );
-    println!(
-        "{:<44} {:>16} {:>26} {:>8}",
-        "  p50 / p99 with the operator's Jobs, bare",
+    row(
         "",
-        format!("{o50:.1} / {o99:.1}"),
-        format!("{:.2}x / {:.2}x", l50 / o50, l99 / o99)
+        "operator".into(),
+        "baseline (same run)".into(),
+        "ratio".into(),
     );
-    println!(
-        "{:<44} {:>16} {:>26} {:>8}",
-        format!(
-            "sustained {sustained} events (fired in {:.2} s), Jobs/s",
-            fired.as_secs_f64()
-        ),
-        format!("{op_rate:.0} (lost {})", sustained.saturating_sub(made)),
-        format!("{api_rate:.0} bare creates, 8 conns"),
-        format!("{:.0}%", 100.0 * op_rate / api_rate)
+    row(
+        &format!("latency p50 / p99, ms (n={n}; p99 <= 1.5x)"),
+        format!("{l50:.1} / {l99:.1}"),
+        format!("{b50:.1} / {b99:.1} minimal Job POST"),
+        format!("{:.2}x / {:.2}x", l50 / b50, l99 / b99),
     );
-    println!(
-        "{:<44} {:>16} {:>26} {:>8}",
-        "  the same Jobs as the operator's, bare",
+    row(
         "",
-        format!("{own_rate:.0} bare creates, 8 conns"),
-        format!("{:.0}%", 100.0 * op_rate / own_rate)
+        "".into(),
+        format!("{o50:.1} / {o99:.1} its own Jobs POSTed"),
+        format!("{:.2}x / {:.2}x", l50 / o50, l99 / o99),
+    );
+    row(
+        &format!("sustained, Jobs/s (median of {rounds} x {sustained})"),
+        format!("{op_rate:.0} (lost {lost})"),
+        format!("{min_rate:.0} minimal Job, 8 conns"),
+        format!("{:.0}%", 100.0 * op_rate / min_rate),
+    );
+    row(
+        "",
+        "".into(),
+        format!("{own_rate:.0} its own Jobs, 8 conns"),
+        format!("{:.0}%", 100.0 * op_rate / own_rate),
+    );
+    for (kind, figures) in &runs {
+        let rates: Vec<String> = figures.iter().map(|r| format!("{:.0}", r.rate)).collect();
+        let mut line = format!(
+            "  {:<24} Jobs/s by round {}; CPU a Job: operator {:.0} µs",
+            kind.label(),
+            rates.join(", "),
+            median(*kind, |r| r.operator_cpu_us)
+        );
+        if !control_plane.is_empty() {
+            line += &format!(
+                "; control plane {:.0} µs",
+                median(*kind, |r| r.control_plane_cpu_us)
+            );
+        }
+        line += &format!(
+            "; Serf agent and benchmark {:.0} µs",
+            median(*kind, |r| r.others_cpu_us)
+        );
+        println!("{line}");
+    }
+    fired_in.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "  ({sustained} events fired in {} s)",
+        fired_in
+            .iter()
+            .map(|s| format!("{s:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let full_ms = full_compile.as_secs_f64() * 1e3;
+    row(
+        "1,000 handler updates, route table (< 10x)",
+        format!("{table_ms:.1} ms"),
+        format!("{full_ms:.1} ms one full compile"),
+        format!("{:.1}x", table_ms / full_ms),
     );
     println!(
-        "  (operator CPU for the sustained run: {sustained_cpu} ms, {:.0} µs a Job)",
-        sustained_cpu as f64 * 1000.0 / sustained.max(1) as f64
-    );
-    println!(
-        "{:<44} {:>16} {:>26} {:>8}",
-        "1,000 handler updates (target < 10x)",
-        format!("{updates_cpu} ms CPU"),
-        format!("{:.0} ms full compile", full_compile.as_secs_f64() * 1e3),
-        format!(
-            "{:.1}x",
-            updates_cpu as f64 / (full_compile.as_secs_f64() * 1e3)
-        )
-    );
-    println!(
-        "  (the 1,000 patches took {:.1} s of wall time at the API server)",
+        "  (handlers compiled: {compiled}; the whole operator: {updates_cpu} ms CPU, {:.2} ms an update, with its watch events and status write; the 1,000 patches took {:.1} s at the API server)",
+        updates_cpu as f64 / 1000.0,
         patched.as_secs_f64()
     );
-    println!(
-        "{:<44} {:>16} {:>26} {:>8}",
-        "RSS, KiB (target <= 40 MiB with 1,000)",
+    row(
+        "RSS, KiB (<= 40 MiB with 1,000 handlers)",
         format!("{rss_loaded} loaded"),
         format!("{rss_idle} idle"),
-        format!("{:.1}x", rss_loaded as f64 / rss_idle as f64)
+        format!("{:.1}x", rss_loaded as f64 / rss_idle as f64),
     );
     println!(
-        "  (RSS after the sustained run, before the handlers: {rss_after_jobs} KiB; the Jobs in the operator's cache then: {})",
+        "  (RSS after the sustained runs, before the handlers: {rss_after_jobs} KiB; Jobs seen then: {})",
         count_before(&seen)
     );
-    if let Some((secs, rate, sent, made, start, end, max)) = soak {
+    if let Some(s) = soak {
+        // The first fifth is warm-up (allocator arenas, buffers at their working size).
+        let warm = s
+            .samples
+            .iter()
+            .find(|(t, _)| *t >= s.secs / 5)
+            .map_or(s.rss_start, |(_, r)| *r);
+        let max = s.samples.iter().map(|(_, r)| *r).max().unwrap_or(s.rss_end);
         println!(
-            "soak {secs} s at {rate} events/s: {sent} events, {made} Jobs (lost {}); RSS {start} -> {end} KiB (max {max}; growth {:+.1}%)",
-            sent.saturating_sub(made as u64),
-            100.0 * (end as f64 - start as f64) / start as f64
+            "soak {} s at {} events/s: {} events, {} Jobs (lost {}); RSS {} -> {} KiB (+{:.1}%); after the first fifth {} -> {} KiB ({:+.1}%), max {}",
+            s.secs,
+            s.rate,
+            s.sent,
+            s.made,
+            s.sent.saturating_sub(s.made as u64),
+            s.rss_start,
+            s.rss_end,
+            100.0 * (s.rss_end as f64 - s.rss_start as f64) / s.rss_start as f64,
+            warm,
+            s.rss_end,
+            100.0 * (s.rss_end as f64 - warm as f64) / warm as f64,
+            max
         );
+        let each_minute: Vec<String> = s
+            .samples
+            .iter()
+            .filter(|(t, _)| t % 60 < 10)
+            .map(|(t, r)| format!("{}s {r}", t))
+            .collect();
+        println!("  RSS KiB by minute: {}", each_minute.join(", "));
     }
     println!("operator log: {}", log.display());
     Ok(())
