@@ -60,7 +60,7 @@ fn main() {
     let mut compiled = 0;
     for (i, h) in current.iter_mut().enumerate() {
         *h = handler(i, 2, "busybox:1.37");
-        compiled += router.update(&[h], &[]);
+        compiled += router.update(&[h], &[]).len();
     }
     let updates = t.elapsed();
     let updates_cpu = cpu_time().saturating_sub(cpu);

@@ -4,7 +4,6 @@
 //! Nothing here awaits the API server: effects hand API work to tasks of their own and
 //! return at once. The only awaits are on the Serf agent (answers, `members`, `stats`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -178,8 +177,6 @@ pub struct Dispatcher<E> {
     serf: Option<serf_client::Client>,
     pod: (String, String),
     leader: bool,
-    /// Every handler, with the (uid, generation) last seen.
-    handlers: BTreeMap<(String, String), (Option<String>, Option<i64>)>,
     active: Box<dyn ActiveJobs + Send>,
     effects: E,
     catch_up: bool,
@@ -204,7 +201,6 @@ impl<E: Effects> Dispatcher<E> {
             serf: None,
             pod,
             leader,
-            handlers: BTreeMap::new(),
             active,
             effects,
             catch_up: true,
@@ -249,34 +245,16 @@ impl<E: Effects> Dispatcher<E> {
     pub async fn control(&mut self, c: Control) {
         match c {
             Control::Handlers(handlers) => {
-                let current: std::collections::BTreeSet<(String, String)> =
-                    handlers.iter().map(|h| HandlerRef::key_of(h)).collect();
-                let gone: Vec<(String, String)> = self
-                    .handlers
-                    .keys()
-                    .filter(|k| !current.contains(*k))
-                    .cloned()
-                    .collect();
-                for k in &gone {
-                    self.handlers.remove(k);
-                }
-                let changed = self.note_versions(&handlers);
                 let refs: Vec<&SerfHandler> = handlers.iter().map(|h| h.as_ref()).collect();
                 let started = Instant::now();
                 let compiled = self.engine.sync_handlers(&refs);
-                self.effects.routes_compiled(compiled, started.elapsed());
-                self.routes_updated(refs.len(), compiled, &changed);
+                self.routes_updated(refs.len(), &compiled, started);
             }
             Control::HandlersChanged { changed, gone } => {
-                for k in &gone {
-                    self.handlers.remove(k);
-                }
-                let new = self.note_versions(&changed);
                 let refs: Vec<&SerfHandler> = changed.iter().map(|h| h.as_ref()).collect();
                 let started = Instant::now();
                 let compiled = self.engine.update_handlers(&refs, &gone);
-                self.effects.routes_compiled(compiled, started.elapsed());
-                self.routes_updated(refs.len(), compiled, &new);
+                self.routes_updated(refs.len(), &compiled, started);
             }
             Control::Leader { leader, membership } => {
                 let became = leader && !self.leader;
@@ -293,35 +271,19 @@ impl<E: Effects> Dispatcher<E> {
         }
     }
 
-    /// Records each handler's (uid, generation); returns those that are new or changed.
-    fn note_versions(&mut self, handlers: &[Arc<SerfHandler>]) -> Vec<HandlerRef> {
-        let mut changed = Vec::new();
-        for h in handlers {
-            let v = (h.metadata.uid.clone(), h.metadata.generation);
-            if self
-                .handlers
-                .insert(HandlerRef::key_of(h), v.clone())
-                .as_ref()
-                != Some(&v)
-            {
-                changed.push(HandlerRef::of(h));
+    /// After a change of the handlers (`compiled`: those new or changed, since `started`):
+    /// only these get their member selection published (a change of one handler is not a
+    /// write for every handler).
+    fn routes_updated(&mut self, seen: usize, compiled: &[HandlerRef], started: Instant) {
+        self.effects
+            .routes_compiled(compiled.len(), started.elapsed());
+        tracing::debug!(handlers = seen, compiled = compiled.len(), "routes updated");
+        for h in compiled {
+            for e in self.engine.router().errors_of(h) {
+                tracing::debug!("{e}");
             }
         }
-        changed
-    }
-
-    /// After a change of the handlers: only the new or changed ones get their member
-    /// selection published (a change of one handler is not a write for every handler).
-    fn routes_updated(&mut self, seen: usize, compiled: usize, changed: &[HandlerRef]) {
-        tracing::debug!(handlers = seen, compiled, "routes updated");
-        if compiled > 0 {
-            for h in changed {
-                for e in self.engine.router().errors_of(h) {
-                    tracing::debug!("{e}");
-                }
-            }
-        }
-        self.publish_membership_for(changed);
+        self.publish_membership_for(compiled);
     }
 
     /// Handles one item from the Serf link.
@@ -612,15 +574,7 @@ impl<E: Effects> Dispatcher<E> {
     }
 
     fn publish_membership(&mut self) {
-        let all: Vec<HandlerRef> = self
-            .handlers
-            .iter()
-            .map(|((namespace, name), (uid, _))| HandlerRef {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                uid: uid.clone(),
-            })
-            .collect();
+        let all: Vec<HandlerRef> = self.engine.router().handler_refs().cloned().collect();
         self.publish_membership_for(&all);
     }
 

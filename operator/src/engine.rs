@@ -189,8 +189,8 @@ impl Router {
 
     /// Brings the table to `handlers`: a handler whose spec changed (by UID and generation)
     /// is compiled again, a new one compiled, a gone one dropped; the others are kept as
-    /// they are. Returns how many handlers were compiled.
-    pub fn sync(&mut self, handlers: &[&SerfHandler]) -> usize {
+    /// they are. Returns the handlers compiled.
+    pub fn sync(&mut self, handlers: &[&SerfHandler]) -> Vec<HandlerRef> {
         let present: std::collections::BTreeSet<(String, String)> =
             handlers.iter().map(|h| name_of(h)).collect();
         let gone: Vec<(String, String)> = self
@@ -204,8 +204,12 @@ impl Router {
 
     /// Applies changes: each handler in `changed` compiled again when its spec changed (by
     /// UID and generation) or added, each `(namespace, name)` in `gone` dropped; the others
-    /// are not looked at. Returns how many handlers were compiled.
-    pub fn update(&mut self, changed: &[&SerfHandler], gone: &[(String, String)]) -> usize {
+    /// are not looked at. Returns the handlers compiled.
+    pub fn update(
+        &mut self,
+        changed: &[&SerfHandler],
+        gone: &[(String, String)],
+    ) -> Vec<HandlerRef> {
         for key in gone {
             if let Some(slot) = self.by_name.remove(key) {
                 self.unindex(slot);
@@ -213,7 +217,7 @@ impl Router {
                 self.free.push(slot);
             }
         }
-        let mut compiled = 0;
+        let mut compiled = Vec::new();
         for h in changed {
             let key = name_of(h);
             let version = (h.metadata.uid.as_ref(), h.metadata.generation);
@@ -237,9 +241,10 @@ impl Router {
                     slot
                 }
             };
-            self.slots[slot] = Some(Router::compile(h));
+            let handler = Router::compile(h);
+            compiled.push(handler.handler.clone());
+            self.slots[slot] = Some(handler);
             self.index_slot(slot);
-            compiled += 1;
         }
         compiled
     }
@@ -283,6 +288,11 @@ impl Router {
         self.by_name
             .values()
             .filter_map(|&slot| self.slots[slot].as_ref())
+    }
+
+    /// Every handler in the table, in (namespace, name) order.
+    pub fn handler_refs(&self) -> impl Iterator<Item = &HandlerRef> {
+        self.handlers().map(|h| &h.handler)
     }
 
     /// The compiled handler in `slot`.
@@ -987,8 +997,8 @@ impl Engine {
     }
 
     /// Brings the routes to `handlers`, compiling only the handlers whose spec changed
-    /// (see [`Router::sync`]); returns how many were compiled.
-    pub fn sync_handlers(&mut self, handlers: &[&SerfHandler]) -> usize {
+    /// (see [`Router::sync`]); returns the handlers compiled.
+    pub fn sync_handlers(&mut self, handlers: &[&SerfHandler]) -> Vec<HandlerRef> {
         self.router.sync(handlers)
     }
 
@@ -997,7 +1007,7 @@ impl Engine {
         &mut self,
         changed: &[&SerfHandler],
         gone: &[(String, String)],
-    ) -> usize {
+    ) -> Vec<HandlerRef> {
         self.router.update(changed, gone)
     }
 

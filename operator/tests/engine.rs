@@ -887,9 +887,9 @@ fn incremental_handler_changes_route_like_a_full_compile() {
     let h03 = handler(&spec(3, "user"))[0].clone();
     let mut engine = Engine::new(&first, Membership::default());
     let compiled = engine.update_handlers(&[&h01, &h03], &[("ns".into(), "h00".into())]);
-    assert_eq!(compiled, 2);
+    assert_eq!(compiled.len(), 2);
     // The same spec again compiles nothing.
-    assert_eq!(engine.update_handlers(&[&h01], &[]), 0);
+    assert!(engine.update_handlers(&[&h01], &[]).is_empty());
     let mut full = Engine::new(
         &[h01.clone(), first[2].clone(), h03.clone()],
         Membership::default(),
