@@ -5,7 +5,7 @@
 //! return at once. The only awaits are on the Serf agent (answers, `members`, `stats`).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serf_client::{Event, Member, MemberEventKind, MemberStatus};
 use serf_operator_crds::SerfHandler;
@@ -246,13 +246,13 @@ impl<E: Effects> Dispatcher<E> {
         match c {
             Control::Handlers(handlers) => {
                 let refs: Vec<&SerfHandler> = handlers.iter().map(|h| h.as_ref()).collect();
-                let started = Instant::now();
+                let started = crate::metrics::thread_cpu_time();
                 let compiled = self.engine.sync_handlers(&refs);
                 self.routes_updated(refs.len(), &compiled, started);
             }
             Control::HandlersChanged { changed, gone } => {
                 let refs: Vec<&SerfHandler> = changed.iter().map(|h| h.as_ref()).collect();
-                let started = Instant::now();
+                let started = crate::metrics::thread_cpu_time();
                 let compiled = self.engine.update_handlers(&refs, &gone);
                 self.routes_updated(refs.len(), &compiled, started);
             }
@@ -271,12 +271,15 @@ impl<E: Effects> Dispatcher<E> {
         }
     }
 
-    /// After a change of the handlers (`compiled`: those new or changed, since `started`):
+    /// After a change of the handlers (`compiled`: those new or changed; `started`: this
+    /// thread's CPU time before the route table was updated):
     /// only these get their member selection published (a change of one handler is not a
     /// write for every handler).
-    fn routes_updated(&mut self, seen: usize, compiled: &[HandlerRef], started: Instant) {
-        self.effects
-            .routes_compiled(compiled.len(), started.elapsed());
+    fn routes_updated(&mut self, seen: usize, compiled: &[HandlerRef], started: Duration) {
+        self.effects.routes_compiled(
+            compiled.len(),
+            crate::metrics::thread_cpu_time().saturating_sub(started),
+        );
         tracing::debug!(handlers = seen, compiled = compiled.len(), "routes updated");
         for h in compiled {
             for e in self.engine.router().errors_of(h) {

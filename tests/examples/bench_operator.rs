@@ -9,8 +9,10 @@
 //!   operator's CPU a Job and, given CONTROL_PLANE_PIDS (kube-apiserver, etcd, ... on this
 //!   machine), the control plane's;
 //! - the operator's RSS idle and with 1,000 handlers;
-//! - 1,000 handler updates: the operator's route-table time (its metrics) next to one full
-//!   compile of the same 1,000 handlers, and the whole operator's CPU for them;
+//! - 1,000 handler updates: the operator's route-table CPU time (its metrics) next to one
+//!   full compile of the same 1,000 handlers (CPU time, median of 5), and the whole
+//!   operator's CPU for them;
+//! - the API server's requests and watch events a Job in each kind of run (its metrics);
 //! - a soak at a fixed event rate (SOAK_SECS, default 600, 0 skips; SOAK_RATE events/s,
 //!   default 5) with its RSS growth, from the start and after a warm-up (the first fifth).
 //!
@@ -126,6 +128,48 @@ fn operator_jobs(owner: &serf_operator_crds::SerfHandler, count: usize, ltime: u
     jobs
 }
 
+/// The API server's request and watch-event counters, by (verb resource[/subresource]) and
+/// ("watch" kind), from its `/metrics`; empty when they cannot be read.
+async fn api_counters(client: &kube::Client) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(req) = http::Request::get("/metrics").body(Vec::new()) else {
+        return out;
+    };
+    let Ok(text) = client.request_text(req).await else {
+        return out;
+    };
+    let label = |line: &str, key: &str| -> String {
+        line.split(&format!("{key}=\"")[..])
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    for line in text.lines() {
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        let key = if line.starts_with("apiserver_request_total{") {
+            let (resource, sub) = (label(line, "resource"), label(line, "subresource"));
+            if resource.is_empty() {
+                continue;
+            }
+            let sub = if sub.is_empty() {
+                String::new()
+            } else {
+                format!("/{sub}")
+            };
+            format!("{} {resource}{sub}", label(line, "verb"))
+        } else if line.starts_with("apiserver_watch_events_total{") {
+            format!("watch events {}", label(line, "kind"))
+        } else {
+            continue;
+        };
+        *out.entry(key).or_default() += value;
+    }
+    out
+}
+
 /// The three kinds of sustained run.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Run {
@@ -151,6 +195,8 @@ struct RunFigures {
     control_plane_cpu_us: f64,
     /// The Serf agent and this benchmark (which fires the events, or POSTs, and watches).
     others_cpu_us: f64,
+    /// API requests and watch events a Job (from the API server's counters).
+    api: BTreeMap<String, f64>,
 }
 
 /// What the soak measured: RSS samples are (seconds into the soak, KiB).
@@ -162,6 +208,8 @@ struct Soak {
     rss_start: u64,
     rss_end: u64,
     samples: Vec<(u64, u64)>,
+    /// Entries of the handler's launch ledger (bounded at 16,384) before and after.
+    ledger: (usize, usize),
 }
 
 /// Creates `jobs` over 8 connections (a failed create is printed).
@@ -321,6 +369,7 @@ async fn main() -> anyhow::Result<()> {
             let start_count = count_before(&seen);
             let others = || cpu_ms(agent_pid) + cpu_ms(std::process::id());
             let (op_cpu, cp, oth) = (cpu_ms(pid), cp_cpu(), others());
+            let api_before = api_counters(&client).await;
             let t0 = Instant::now();
             match kind {
                 Run::Operator => {
@@ -346,16 +395,27 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let made = count_before(&seen) - start_count;
+            let elapsed = t0.elapsed().as_secs_f64();
+            let api = api_counters(&client)
+                .await
+                .into_iter()
+                .map(|(k, v)| {
+                    let d = v - api_before.get(&k).copied().unwrap_or(0.0);
+                    (k, d / made.max(1) as f64)
+                })
+                .filter(|(_, v)| *v >= 0.005)
+                .collect();
             if kind == Run::Operator {
                 lost += sustained.saturating_sub(made);
             }
             runs.entry(kind).or_default().push(RunFigures {
-                rate: made as f64 / t0.elapsed().as_secs_f64(),
+                rate: made as f64 / elapsed,
                 operator_cpu_us: cpu_ms(pid).saturating_sub(op_cpu) as f64 * 1000.0
                     / made.max(1) as f64,
                 control_plane_cpu_us: cp_cpu().saturating_sub(cp) as f64 * 1000.0
                     / made.max(1) as f64,
                 others_cpu_us: others().saturating_sub(oth) as f64 * 1000.0 / made.max(1) as f64,
+                api,
             });
         }
     }
@@ -390,9 +450,17 @@ async fn main() -> anyhow::Result<()> {
             v,
         )?);
     }
-    let t = Instant::now();
-    let _ = serf_operator::engine::Router::new(&specs);
-    let full_compile = t.elapsed();
+    // The median of 5 compiles, in this thread's CPU time, as the operator's metric counts.
+    let mut compiles: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = serf_operator::metrics::thread_cpu_time();
+            let _ = serf_operator::engine::Router::new(&specs);
+            serf_operator::metrics::thread_cpu_time()
+                .saturating_sub(t)
+                .as_secs_f64()
+        })
+        .collect();
+    let full_compile = Duration::from_secs_f64(pct(&mut compiles, 0.5));
     let metric = |text: &str, name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -444,7 +512,19 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let mut soak = None;
+    let bench_ref = serf_operator::jobs::HandlerRef {
+        namespace: ns.clone(),
+        name: "bench".into(),
+        uid: None,
+    };
+    let ledger_entries = || async {
+        serf_operator::ledger::read_ledger(&client, &bench_ref)
+            .await
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
     if soak_secs > 0 {
+        let ledger_start = ledger_entries().await;
         let rss_start = rss_kib(pid);
         let mut samples = Vec::new();
         let before = count_before(&seen);
@@ -484,6 +564,7 @@ async fn main() -> anyhow::Result<()> {
             rss_start,
             rss_end: rss_kib(pid),
             samples,
+            ledger: (ledger_start, ledger_entries().await),
         });
     }
     let _ = op.terminate();
@@ -535,6 +616,28 @@ async fn main() -> anyhow::Result<()> {
         format!("{own_rate:.0} its own Jobs, 8 conns"),
         format!("{:.0}%", 100.0 * op_rate / own_rate),
     );
+    // Each round's operator run against the same round's bare runs: the rounds drift (the
+    // namespace fills, the controller manager's backlog grows), a round's runs do not.
+    let paired = |base: Run| -> (Vec<f64>, f64) {
+        let (ops, bases) = (runs.get(&Run::Operator), runs.get(&base));
+        let mut ratios: Vec<f64> = ops
+            .into_iter()
+            .flatten()
+            .zip(bases.into_iter().flatten())
+            .map(|(o, b)| 100.0 * o.rate / b.rate)
+            .collect();
+        let by_round = ratios.clone();
+        (by_round, pct(&mut ratios, 0.5))
+    };
+    for base in [Run::Minimal, Run::Own] {
+        let (by_round, median) = paired(base);
+        let each: Vec<String> = by_round.iter().map(|r| format!("{r:.0}%")).collect();
+        println!(
+            "  operator against {} by round: {} (median {median:.0}%)",
+            base.label().trim_end_matches(':'),
+            each.join(", ")
+        );
+    }
     for (kind, figures) in &runs {
         let rates: Vec<String> = figures.iter().map(|r| format!("{:.0}", r.rate)).collect();
         let mut line = format!(
@@ -554,6 +657,15 @@ async fn main() -> anyhow::Result<()> {
             median(*kind, |r| r.others_cpu_us)
         );
         println!("{line}");
+        // The API server's work a Job, from its counters (the last run of this kind).
+        if let Some(last) = figures.last() {
+            let api: Vec<String> = last
+                .api
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2}"))
+                .collect();
+            println!("    API a Job (last run): {}", api.join(", "));
+        }
     }
     fired_in.sort_by(|a, b| a.total_cmp(b));
     println!(
@@ -566,9 +678,9 @@ async fn main() -> anyhow::Result<()> {
     );
     let full_ms = full_compile.as_secs_f64() * 1e3;
     row(
-        "1,000 handler updates, route table (< 10x)",
+        "1,000 handler updates, route table CPU (< 10x)",
         format!("{table_ms:.1} ms"),
-        format!("{full_ms:.1} ms one full compile"),
+        format!("{full_ms:.1} ms one full compile (median of 5)"),
         format!("{:.1}x", table_ms / full_ms),
     );
     println!(
@@ -616,6 +728,10 @@ async fn main() -> anyhow::Result<()> {
             .map(|(t, r)| format!("{}s {r}", t))
             .collect();
         println!("  RSS KiB by minute: {}", each_minute.join(", "));
+        println!(
+            "  launch ledger of the handler: {} -> {} entries (bounded at 16,384; it is data the operator keeps by design)",
+            s.ledger.0, s.ledger.1
+        );
     }
     println!("operator log: {}", log.display());
     Ok(())
