@@ -421,6 +421,32 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let rss_after_jobs = rss_kib(pid);
+    let jobs_after_runs = count_before(&seen);
+    // The Jobs of the runs above are deleted (as history limits or a TTL would), so that
+    // the RSS below is the handlers' and the operator's, not that of some 19,000 pending
+    // Jobs in its index; the allocator gets 15 s to return freed pages.
+    // One delete-collection call may outlast the API server's request timeout (it goes on
+    // deleting where the last one stopped), so it is repeated until no Job is listed.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline
+        && !japi
+            .list(&kube::api::ListParams::default().limit(1))
+            .await?
+            .items
+            .is_empty()
+    {
+        if let Err(e) = japi
+            .delete_collection(
+                &kube::api::DeleteParams::background(),
+                &kube::api::ListParams::default(),
+            )
+            .await
+        {
+            eprintln!("bench: deleting the Jobs: {e} (again)");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let rss_emptied = rss_kib(pid);
     eprintln!("bench: 1,000 handlers");
     // 3. RSS with 1,000 handlers loaded.
     for h in 0..1000 {
@@ -695,8 +721,7 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.1}x", rss_loaded as f64 / rss_idle as f64),
     );
     println!(
-        "  (RSS after the sustained runs, before the handlers: {rss_after_jobs} KiB; Jobs seen then: {})",
-        count_before(&seen)
+        "  (RSS after the sustained runs: {rss_after_jobs} KiB with {jobs_after_runs} Jobs; {rss_emptied} KiB once they were deleted, before the handlers)"
     );
     if let Some(s) = soak {
         // The first fifth is warm-up (allocator arenas, buffers at their working size).
@@ -721,6 +746,36 @@ async fn main() -> anyhow::Result<()> {
             100.0 * (s.rss_end as f64 - warm as f64) / warm as f64,
             max
         );
+        // A least-squares line through the samples after the warm-up: a drift shows as a
+        // slope whose total over the soak stands out of the samples' own scatter.
+        let after: Vec<(f64, f64)> = s
+            .samples
+            .iter()
+            .filter(|(t, _)| *t >= s.secs / 5)
+            .map(|(t, r)| (*t as f64 / 60.0, *r as f64))
+            .collect();
+        if after.len() >= 3 {
+            let n = after.len() as f64;
+            let (mx, my) = (
+                after.iter().map(|p| p.0).sum::<f64>() / n,
+                after.iter().map(|p| p.1).sum::<f64>() / n,
+            );
+            let sxx: f64 = after.iter().map(|p| (p.0 - mx).powi(2)).sum();
+            let sxy: f64 = after.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+            let slope = sxy / sxx;
+            let resid = (after
+                .iter()
+                .map(|p| (p.1 - my - slope * (p.0 - mx)).powi(2))
+                .sum::<f64>()
+                / (n - 2.0))
+                .sqrt();
+            let span = after.last().map_or(0.0, |p| p.0) - after.first().map_or(0.0, |p| p.0);
+            println!(
+                "  trend after the warm-up: {slope:+.1} KiB a minute ({:+.0} KiB over {span:.0} min), scatter around it {resid:.0} KiB (sd), {} samples",
+                slope * span,
+                after.len()
+            );
+        }
         let each_minute: Vec<String> = s
             .samples
             .iter()
