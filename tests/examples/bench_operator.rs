@@ -265,11 +265,11 @@ async fn main() -> anyhow::Result<()> {
     // The handler's launch ledger starts at its bound (16,384 entries, as a busy handler's
     // is): each launch then replaces the oldest entry, so what the ledger keeps by design
     // does not read as growth in the soak below.
-    let created = hapi.get("bench").await?;
+    let owner = hapi.get("bench").await?;
     let bench_ref = serf_operator::jobs::HandlerRef {
         namespace: ns.clone(),
         name: "bench".into(),
-        uid: created.metadata.uid.clone(),
+        uid: owner.metadata.uid.clone(),
     };
     let long_ago = serf_operator::ledger::unix_now() - 60;
     let prefill: String = (0..serf_operator::ledger::MAX_ENTRIES)
@@ -336,7 +336,6 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
-    let owner = hapi.get("bench").await?;
     let own_for_latency = operator_jobs(&owner, n, 2_000_000);
     let (mut lat, mut post_seen, mut own_seen) = (Vec::new(), Vec::new(), Vec::new());
     for (i, own) in own_for_latency.iter().enumerate() {
