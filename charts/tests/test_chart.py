@@ -146,6 +146,8 @@ def test_rbac_is_least_privilege():
     assert verbs[("", "secrets")] == {"create", "patch", "delete"}
     assert verbs[("", "pods")] == {"get", "list", "watch"}
     assert verbs[("", "pods/log")] == {"get"}
+    # launch ledgers: read by a list of a handler's segments, an aged-out segment deleted
+    assert verbs[("", "configmaps")] == {"get", "list", "create", "patch", "delete"}
     assert verbs[("events.k8s.io", "events")] == {"create", "patch"}
     state = [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-state")][0]
     assert {"coordination.k8s.io"} <= {g for r in state["rules"] for g in r["apiGroups"]}

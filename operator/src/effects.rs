@@ -381,9 +381,9 @@ impl Worker {
             )
             .await
             {
-                Ok(text) => {
+                Ok(stored) => {
                     if let Ok(mut ledger) = self.ledger.lock() {
-                        ledger.load(&l.handler, &text);
+                        ledger.load(&l.handler, &stored);
                     }
                 }
                 Err(e) => {

@@ -178,26 +178,52 @@ impl StateWriter {
             return true;
         }
         let t = self.cfg.call_timeout;
+        // A ledger with launches recorded before it could be read is read first, so that
+        // what is stored is kept.
+        let unloaded = match self.ledger.lock() {
+            Ok(l) => l.unloaded(),
+            Err(_) => Vec::new(),
+        };
+        for h in unloaded {
+            match kube_call(
+                "read the launch ledger",
+                t,
+                ledger::read_ledger(&self.client, &h),
+            )
+            .await
+            {
+                Ok(stored) => {
+                    if let Ok(mut l) = self.ledger.lock() {
+                        l.load(&h, &stored);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, handler = %h, "cannot read the launch ledger; will retry");
+                }
+            }
+        }
         let dirty_ledgers = match self.ledger.lock() {
             Ok(mut l) => l.take_dirty(crate::ledger::unix_now()),
             Err(_) => Vec::new(),
         };
-        for (k, text) in dirty_ledgers {
+        for (k, changes) in dirty_ledgers {
             let h = HandlerRef {
                 namespace: k.0.clone(),
                 name: k.1.clone(),
                 uid: self.uids.get(&k).cloned(),
             };
-            if let Err(e) = kube_call(
-                "write the launch ledger",
-                t,
-                ledger::write_ledger(&self.client, &h, &text),
-            )
-            .await
-            {
-                tracing::warn!(error = %e, handler = %h, "cannot write the launch ledger; will retry");
+            let failed =
+                match tokio::time::timeout(t * 2, ledger::write_ledger(&self.client, &h, &changes))
+                    .await
+                {
+                    Ok(Ok(())) => None,
+                    Ok(Err((e, left))) => Some((e.to_string(), left)),
+                    Err(_) => Some((format!("no answer within {:?}", t * 2), changes)),
+                };
+            if let Some((error, left)) = failed {
+                tracing::warn!(%error, handler = %h, "cannot write the launch ledger; will retry");
                 if let Ok(mut l) = self.ledger.lock() {
-                    l.mark_dirty(&k);
+                    l.mark_dirty(&k, &left);
                 }
             }
         }

@@ -4,7 +4,8 @@
 //! does not fire it again), an interrupted firing is reported and not re-sent, an invalid
 //! schedule shows in the trigger's status, a standby does nothing, failures back off; a
 //! handler's Ready and `observedGeneration` go to the state writer, and a finished Job is
-//! pruned only after the launch ledger records it.
+//! pruned only after the launch ledger records it; the state writer reads a ledger before it
+//! writes one, writes only the segment that changed, and writes again what was refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
@@ -337,16 +338,39 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
     let handler: Arc<SerfHandler> = Arc::new(serde_json::from_str(HANDLER).unwrap());
 
     let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
-    // The ledger is read first (none yet).
-    expect(
-        &mut h,
-        Method::GET,
-        "/api/v1/namespaces/apps/configmaps/web-serf-launched",
-        404,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "reason": "NotFound", "code": 404, "message": "not found"}),
-    )
-    .await;
+    // The ledger is read first: one list of the handler's ConfigMaps, of which only its
+    // segments count.
+    let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.method(), Method::GET);
+    assert_eq!(req.uri().path(), "/api/v1/namespaces/apps/configmaps");
+    let query = req.uri().query().unwrap_or_default().replace("%2C", ",");
+    assert!(
+        query.contains("serf.operator.io%2Fhandler%3Dweb")
+            || query.contains("serf.operator.io/handler=web"),
+        "{query}"
+    );
+    let segment = |name: &str, seq: &str, text: &str| {
+        json!({"metadata": {"name": name, "namespace": "apps",
+                            "annotations": {"serf.operator.io/ledger-sequence": seq}},
+               "data": {"launched": text}})
+    };
+    send.send_response(
+        Response::builder()
+            .body(Body::from(
+                serde_json::to_vec(&json!({
+                    "kind": "ConfigMapList", "apiVersion": "v1", "metadata": {},
+                    "items": [
+                        segment("web-serf-launched-1", "1", "web-deploy-earlier 1800000000\n"),
+                        segment("web-settings", "7", "web-deploy-not-a-segment 1800000000\n"),
+                    ]
+                }))
+                .unwrap(),
+            ))
+            .unwrap(),
+    );
     // Not deleted yet: the old Job is recorded first, and looked at again later.
     assert_eq!(
         task.await.unwrap().unwrap(),
@@ -366,10 +390,18 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
         let r = serf_operator::jobs::HandlerRef::of(&handler);
         assert!(l.contains(&r, "web-deploy-old"));
         assert!(!l.is_recorded(&r, "web-deploy-old"), "not written yet");
+        assert!(l.contains(&r, "web-deploy-earlier"));
+        assert!(!l.contains(&r, "web-deploy-not-a-segment"));
     }
     // The state writer writes the ledger; the next reconcile deletes the Job.
     let written = ledger.lock().unwrap().take_dirty(1_800_000_000);
-    assert!(written[0].1.contains("web-deploy-old"));
+    let segment = &written[0].1.write[0];
+    assert_eq!(
+        (segment.slot, segment.seq),
+        (1, Some(1)),
+        "the newest segment, added to"
+    );
+    assert!(segment.text.contains("web-deploy-old") && segment.text.contains("web-deploy-earlier"));
     let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
     let del = expect(
         &mut h,
@@ -636,4 +668,85 @@ async fn job_outcomes_are_reported_into_serf_once() {
             .is_err(),
         "nothing sent twice"
     );
+}
+
+#[tokio::test]
+async fn the_state_writer_reads_a_ledger_before_writing_it_and_writes_only_what_changed() {
+    let (client, mut h) = mock();
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let cfg = serf_operator::state::StateConfig {
+        namespace: "serf-system".into(),
+        interval: Duration::from_secs(1),
+        call_timeout: Duration::from_secs(5),
+    };
+    let mut writer = serf_operator::state::StateWriter::new(client, cfg, ledger.clone());
+    let web = serf_operator::jobs::HandlerRef {
+        namespace: "apps".into(),
+        name: "web".into(),
+        uid: None,
+    };
+    // A launch recorded while the ledger could not be read.
+    ledger
+        .lock()
+        .unwrap()
+        .record(&web, "web-deploy-new", 1_800_000_000);
+
+    let flush = tokio::spawn(async move {
+        let ok = writer.flush(true, None).await;
+        (writer, ok)
+    });
+    // Read first: the stored segment 0 is full, so the launch starts segment 1.
+    let full: String = (0..serf_operator::ledger::SEGMENT_ENTRIES)
+        .map(|i| format!("web-deploy-{i:05} 1799999000\n"))
+        .collect();
+    expect(
+        &mut h,
+        Method::GET,
+        "/api/v1/namespaces/apps/configmaps",
+        200,
+        json!({"kind": "ConfigMapList", "apiVersion": "v1", "metadata": {},
+               "items": [{"metadata": {"name": "web-serf-launched", "namespace": "apps",
+                          "annotations": {"serf.operator.io/ledger-sequence": "0"}},
+                          "data": {"launched": full}}]}),
+    )
+    .await;
+    // Only segment 1 is written, with its sequence; the API server refuses it once.
+    let body = expect(
+        &mut h,
+        Method::PATCH,
+        "/api/v1/namespaces/apps/configmaps/web-serf-launched-1",
+        500,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "InternalError", "code": 500, "message": "etcd went away"}),
+    )
+    .await;
+    assert_eq!(
+        body["metadata"]["annotations"]["serf.operator.io/ledger-sequence"],
+        "1"
+    );
+    assert_eq!(body["data"]["launched"], "web-deploy-new 1800000000\n");
+    assert_eq!(
+        body["metadata"]["labels"]["serf.operator.io/handler"],
+        "web"
+    );
+    let (mut writer, ok) = flush.await.unwrap();
+    assert!(ok);
+    no_more_requests(&mut h).await;
+    assert!(!ledger.lock().unwrap().is_recorded(&web, "web-deploy-new"));
+    assert!(ledger.lock().unwrap().is_recorded(&web, "web-deploy-00000"));
+
+    // The next flush writes it again (no second read), and then it counts as recorded.
+    let flush = tokio::spawn(async move { writer.flush(true, None).await });
+    let again = expect(
+        &mut h,
+        Method::PATCH,
+        "/api/v1/namespaces/apps/configmaps/web-serf-launched-1",
+        200,
+        json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "web-serf-launched-1"}}),
+    )
+    .await;
+    assert_eq!(again, body);
+    assert!(flush.await.unwrap());
+    no_more_requests(&mut h).await;
+    assert!(ledger.lock().unwrap().is_recorded(&web, "web-deploy-new"));
 }

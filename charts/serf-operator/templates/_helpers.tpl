@@ -56,9 +56,11 @@ or the pod's IP; the port is serf.bindPort unless given. */}}
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
+# Launch ledgers (read by one list of a handler's segments; an aged-out segment deleted)
+# and triggers' watch state.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

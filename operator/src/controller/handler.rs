@@ -176,14 +176,14 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
         .map(|l| l.is_loaded(&href))
         .unwrap_or(false);
     if !loaded {
-        let text = kube_call(
+        let stored = kube_call(
             "read the launch ledger",
             ctx.call_timeout,
             ledger::read_ledger(&ctx.client, &href),
         )
         .await?;
         if let Ok(mut l) = ctx.ledger.lock() {
-            l.load(&href, &text);
+            l.load(&href, &stored);
         }
     }
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &href.namespace);
