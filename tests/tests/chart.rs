@@ -10,16 +10,19 @@
 //! command line of the machine; the agent's config file is mode 0600; deleting the pod and a
 //! rollout show the outside agent member-leave and member-join, never member-failed; a pod
 //! whose join address does not answer starts anyway (no crash loop), is not Ready, and is
-//! Ready once the address answers.
+//! Ready once the address answers; with exactly the chart's RBAC, a user event becomes a Job
+//! and the handler's launch ledger records it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use serf_operator_crds::SerfHandler;
 use serf_operator_e2e::{
     TempNamespace, cluster_or_skip, install_crds, wait_for_default_service_account,
 };
@@ -142,6 +145,15 @@ async fn the_chart_survives_its_own_life_cycle() {
     events
         .wait_for("member-join", &pod, Duration::from_secs(30))
         .await;
+
+    // With exactly the chart's permissions: a user event at the outside agent becomes a Job,
+    // and the handler's launch ledger is read (one list of its ConfigMaps) and written.
+    let t = Instant::now();
+    let (job, segment) = launch_under_the_charts_rbac(&client, &ns, &outside, &token).await;
+    figures.push(format!(
+        "user event → Job {job} and launch ledger {segment}, under the chart's RBAC: {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
 
     // No key on any command line of this machine (the node is this machine); the agent's
     // config file, seen through its process's root, is private.
@@ -272,6 +284,86 @@ async fn the_chart_survives_its_own_life_cycle() {
     assert_eq!(count("member-failed"), 0, "events: {seen:?}");
     assert_eq!(count("member-leave"), 3, "events: {seen:?}");
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Applies a SerfHandler routing the user event `chart-e2e` to a Job, fires the event at the
+/// outside agent until the chart's operator launches it (the handler may not be in its
+/// cache yet), and waits for the handler's launch ledger to record the Job. Returns the
+/// Job's name and the ledger segment's.
+async fn launch_under_the_charts_rbac(
+    client: &Client,
+    ns: &str,
+    outside: &Agent,
+    token: &str,
+) -> (String, String) {
+    let handlers: Api<SerfHandler> = Api::namespaced(client.clone(), ns);
+    let handler = serde_json::json!({
+        "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+        "metadata": {"name": "chart-e2e", "namespace": ns},
+        "spec": {"routes": [{"name": "go", "events": "user:chart-e2e", "job": {"spec": {
+            "template": {"spec": {"restartPolicy": "Never",
+                "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}}}}}]}
+    });
+    handlers
+        .patch(
+            "chart-e2e",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&handler),
+        )
+        .await
+        .unwrap();
+    let serf = serf_client::Client::connect(
+        serf_client::ClientConfig::new(outside.rpc_addr().to_string()).with_auth(token),
+    )
+    .await
+    .unwrap();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let by_handler = ListParams::default().labels("serf.operator.io/handler=chart-e2e");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        if let Some(j) = jobs
+            .list(&by_handler)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .next()
+        {
+            break j.metadata.name.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the chart's operator launched no Job for user:chart-e2e within 60 s"
+        );
+        serf.event("chart-e2e", b"", false).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(cm) = configmaps.get_opt("chart-e2e-serf-launched").await.unwrap() {
+            let seq = cm
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .remove("serf.operator.io/ledger-sequence");
+            let text = cm.data.unwrap_or_default().remove("launched");
+            if text.is_some_and(|t| t.lines().any(|l| l.starts_with(&format!("{job} ")))) {
+                assert_eq!(seq.as_deref(), Some("0"), "the ledger's first segment");
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the launch ledger did not record {job} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    handlers
+        .delete("chart-e2e", &DeleteParams::default())
+        .await
+        .unwrap();
+    (job, "chart-e2e-serf-launched".into())
 }
 
 /// The outside agent's event log.
