@@ -99,7 +99,9 @@ struct Segment {
     /// Job name → launch time (unix seconds).
     entries: BTreeMap<String, i64>,
     newest: i64,
-    dirty: bool,
+    /// Names stored in the cluster: names are only added to a segment, so it holds what was
+    /// last written while it has as many.
+    written: usize,
 }
 
 impl Segment {
@@ -113,7 +115,10 @@ impl Segment {
     fn insert(&mut self, name: String, t: i64) {
         self.newest = self.newest.max(t);
         self.entries.insert(name, t);
-        self.dirty = true;
+    }
+
+    fn dirty(&self) -> bool {
+        self.entries.len() != self.written
     }
 
     fn render(&self) -> String {
@@ -147,7 +152,7 @@ impl HandlerLedger {
     }
 
     fn is_dirty(&self) -> bool {
-        !self.deletes.is_empty() || self.segments.iter().any(|s| s.dirty)
+        !self.deletes.is_empty() || self.segments.iter().any(Segment::dirty)
     }
 
     /// Adds a name to the newest segment, starting the next one (in the oldest's slot, which
@@ -215,7 +220,7 @@ impl Ledger {
             l.loaded
                 && l.segments
                     .iter()
-                    .any(|s| !s.dirty && s.entries.contains_key(job))
+                    .any(|s| !s.dirty() && s.entries.contains_key(job))
         })
     }
 
@@ -243,9 +248,9 @@ impl Ledger {
             for s in &sorted {
                 let mut seg = Segment::new(s.seq.unwrap_or(0));
                 for (name, t) in parse_lines(&s.text) {
-                    seg.newest = seg.newest.max(t);
-                    seg.entries.insert(name.to_string(), t);
+                    seg.insert(name.to_string(), t);
                 }
+                seg.written = seg.entries.len();
                 l.segments.push_back(seg);
             }
         } else {
@@ -306,43 +311,53 @@ impl Ledger {
             .collect()
     }
 
-    /// The changes to write, by handler (loaded ledgers only); the segments written are
-    /// marked clean.
-    pub fn take_dirty(&mut self, now: i64) -> Vec<((String, String), LedgerChanges)> {
+    /// The changes to write, by handler (loaded ledgers only). A segment counts as written
+    /// (its names as recorded) only once [`Ledger::finished`] says so.
+    pub fn take_changes(&mut self, now: i64) -> Vec<((String, String), LedgerChanges)> {
         let mut out = Vec::new();
         for (k, l) in &mut self.handlers {
             if !l.loaded || !l.is_dirty() {
                 continue;
             }
             l.age_out(now);
-            let mut changes = LedgerChanges {
-                write: Vec::new(),
+            let changes = LedgerChanges {
+                write: l
+                    .segments
+                    .iter()
+                    .filter(|s| s.dirty())
+                    .map(|s| StoredSegment {
+                        slot: s.seq % SEGMENTS,
+                        seq: Some(s.seq),
+                        text: s.render(),
+                    })
+                    .collect(),
                 delete: std::mem::take(&mut l.deletes),
             };
-            for s in l.segments.iter_mut().filter(|s| s.dirty) {
-                s.dirty = false;
-                changes.write.push(StoredSegment {
-                    slot: s.seq % SEGMENTS,
-                    seq: Some(s.seq),
-                    text: s.render(),
-                });
-            }
             out.push((k.clone(), changes));
         }
         out
     }
 
-    /// Marks what a flush failed to write as not written: it is written again at the next.
-    pub fn mark_dirty(&mut self, k: &(String, String), failed: &LedgerChanges) {
+    /// After `changes` were written: all of them, or, when `left` is given, all but what it
+    /// holds (the writes not made are still pending; the deletes not made are done again at
+    /// the next flush).
+    pub fn finished(
+        &mut self,
+        k: &(String, String),
+        changes: &LedgerChanges,
+        left: Option<&LedgerChanges>,
+    ) {
         let Some(l) = self.handlers.get_mut(k) else {
             return;
         };
-        for w in &failed.write {
+        let empty = LedgerChanges::default();
+        let left = left.unwrap_or(&empty);
+        for w in changes.write.iter().filter(|w| !left.write.contains(w)) {
             if let Some(s) = l.segments.iter_mut().find(|s| Some(s.seq) == w.seq) {
-                s.dirty = true;
+                s.written = s.written.max(w.text.lines().count());
             }
         }
-        for slot in &failed.delete {
+        for slot in &left.delete {
             if !l.deletes.contains(slot) && l.segments.iter().all(|s| s.seq % SEGMENTS != *slot) {
                 l.deletes.push(*slot);
             }
@@ -613,9 +628,12 @@ mod tests {
         now: i64,
         cluster: &mut BTreeMap<u64, StoredSegment>,
     ) -> LedgerChanges {
-        let mut all = l.take_dirty(now);
+        let mut all = l.take_changes(now);
         assert!(all.len() <= 1);
-        let changes = all.pop().map(|(_, c)| c).unwrap_or_default();
+        let Some((k, changes)) = all.pop() else {
+            return LedgerChanges::default();
+        };
+        l.finished(&k, &changes, None);
         for w in &changes.write {
             cluster.insert(w.slot, w.clone());
         }
@@ -636,7 +654,7 @@ mod tests {
         let first = flush_into(&mut l, now, &mut cluster);
         assert_eq!(first.write.len(), 4);
         assert!(first.delete.is_empty());
-        assert!(l.take_dirty(now).is_empty(), "nothing changed since");
+        assert!(l.take_changes(now).is_empty(), "nothing changed since");
         // One more launch rewrites the newest segment only: 11 names, not 6,155.
         l.record(&h(), "job-new", now);
         l.record(&h(), "job-000005", now); // known: not recorded again
@@ -652,7 +670,7 @@ mod tests {
         assert_eq!(back.len(&h()), 3 * SEGMENT_ENTRIES + 11);
         assert!(back.contains(&h(), "job-000000") && back.contains(&h(), "job-new"));
         assert!(
-            back.take_dirty(now).is_empty(),
+            back.take_changes(now).is_empty(),
             "read as it is, nothing to rewrite"
         );
     }
@@ -689,7 +707,7 @@ mod tests {
         assert!(back.contains(&h(), &oldest_kept));
         // The next launch goes on in the newest segment (slot 0), where it left off.
         back.record(&h(), "after-restart", now);
-        let c = back.take_dirty(now);
+        let c = back.take_changes(now);
         assert_eq!(c[0].1.write.len(), 1);
         assert_eq!(c[0].1.write[0].slot, 0);
         assert_eq!(c[0].1.write[0].text.lines().count(), 501);
@@ -724,7 +742,7 @@ mod tests {
         for i in 0..(KEEP_NEWEST * 3) {
             young.record(&h(), &format!("y-{i}"), now - 1);
         }
-        assert!(young.take_dirty(now)[0].1.delete.is_empty());
+        assert!(young.take_changes(now)[0].1.delete.is_empty());
         assert_eq!(young.len(&h()), KEEP_NEWEST * 3);
     }
 
@@ -737,7 +755,7 @@ mod tests {
         let mut l = Ledger::default();
         l.record(&h(), "launched-before-the-read", now);
         assert!(
-            l.take_dirty(now).is_empty(),
+            l.take_changes(now).is_empty(),
             "nothing is written before the read"
         );
         assert_eq!(l.unloaded().len(), 1);
@@ -753,7 +771,7 @@ mod tests {
         assert!(l.contains(&h(), "launched-before-the-read"));
         assert!(!l.contains(&h(), "old-000000"), "beyond the newest 16,384");
         assert!(l.contains(&h(), &format!("old-{:06}", MAX_ENTRIES + 99)));
-        let c = l.take_dirty(now);
+        let c = l.take_changes(now);
         let written = &c[0].1.write;
         assert_eq!(written.len(), SEGMENTS as usize, "rewritten in segments");
         assert!(
@@ -761,6 +779,8 @@ mod tests {
                 .iter()
                 .all(|w| w.text.lines().count() <= SEGMENT_ENTRIES)
         );
+        assert!(!l.is_recorded(&h(), "old-016000"), "not written yet");
+        l.finished(&c[0].0, &c[0].1, None);
         assert!(!l.is_recorded(&h(), "nothing"));
         assert!(l.is_recorded(&h(), "old-016000"));
         // A second read, once loaded, changes nothing: this process writes the ledger.
@@ -769,16 +789,40 @@ mod tests {
     }
 
     #[test]
-    fn what_a_flush_failed_to_write_is_written_at_the_next() {
+    fn names_count_as_recorded_only_once_their_segment_is_written() {
         let now = 1_000_000_000;
         let mut l = loaded();
-        l.record(&h(), "a", now);
-        let c = l.take_dirty(now);
-        assert!(!l.is_recorded(&h(), "b"));
-        assert!(l.is_recorded(&h(), "a"));
-        l.mark_dirty(&c[0].0, &c[0].1);
-        assert!(!l.is_recorded(&h(), "a"), "not written after all");
-        let again = l.take_dirty(now);
-        assert_eq!(again[0].1.write, c[0].1.write);
+        for i in 0..(SEGMENT_ENTRIES + 1) {
+            l.record(&h(), &format!("job-{i:05}"), now);
+        }
+        let c = l.take_changes(now);
+        let (k, changes) = &c[0];
+        assert_eq!(changes.write.len(), 2);
+        assert!(
+            !l.is_recorded(&h(), "job-00000"),
+            "in flight is not written"
+        );
+        // The first segment was written, then the API server refused the second.
+        let left = LedgerChanges {
+            write: changes.write[1..].to_vec(),
+            delete: vec![5],
+        };
+        l.finished(k, changes, Some(&left));
+        assert!(l.is_recorded(&h(), "job-00000"));
+        assert!(!l.is_recorded(&h(), &format!("job-{SEGMENT_ENTRIES:05}")));
+        // A name added while the write was in flight keeps its segment pending.
+        l.record(&h(), "late", now);
+        let again = l.take_changes(now);
+        assert_eq!(again[0].1.write.len(), 1);
+        assert_eq!(again[0].1.write[0].seq, Some(1));
+        assert_eq!(again[0].1.write[0].text.lines().count(), 2);
+        assert_eq!(
+            again[0].1.delete,
+            vec![5],
+            "the delete not made is made again"
+        );
+        l.finished(k, &again[0].1, None);
+        assert!(l.is_recorded(&h(), "late"));
+        assert!(l.take_changes(now).is_empty());
     }
 }

@@ -202,29 +202,28 @@ impl StateWriter {
                 }
             }
         }
-        let dirty_ledgers = match self.ledger.lock() {
-            Ok(mut l) => l.take_dirty(crate::ledger::unix_now()),
+        let changed = match self.ledger.lock() {
+            Ok(mut l) => l.take_changes(crate::ledger::unix_now()),
             Err(_) => Vec::new(),
         };
-        for (k, changes) in dirty_ledgers {
+        for (k, changes) in changed {
             let h = HandlerRef {
                 namespace: k.0.clone(),
                 name: k.1.clone(),
                 uid: self.uids.get(&k).cloned(),
             };
-            let failed =
-                match tokio::time::timeout(t * 2, ledger::write_ledger(&self.client, &h, &changes))
-                    .await
-                {
-                    Ok(Ok(())) => None,
-                    Ok(Err((e, left))) => Some((e.to_string(), left)),
-                    Err(_) => Some((format!("no answer within {:?}", t * 2), changes)),
-                };
-            if let Some((error, left)) = failed {
+            // Its names count as recorded (and their Jobs may be pruned) only once written.
+            let write = ledger::write_ledger(&self.client, &h, &changes);
+            let left = match tokio::time::timeout(t * 2, write).await {
+                Ok(Ok(())) => None,
+                Ok(Err((e, left))) => Some((e.to_string(), left)),
+                Err(_) => Some((format!("no answer within {:?}", t * 2), changes.clone())),
+            };
+            if let Some((error, _)) = &left {
                 tracing::warn!(%error, handler = %h, "cannot write the launch ledger; will retry");
-                if let Ok(mut l) = self.ledger.lock() {
-                    l.mark_dirty(&k, &left);
-                }
+            }
+            if let Ok(mut l) = self.ledger.lock() {
+                l.finished(&k, &changes, left.as_ref().map(|(_, left)| left));
             }
         }
         for (k, status) in self.book.take_dirty() {

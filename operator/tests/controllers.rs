@@ -394,7 +394,20 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
         assert!(!l.contains(&r, "web-deploy-not-a-segment"));
     }
     // The state writer writes the ledger; the next reconcile deletes the Job.
-    let written = ledger.lock().unwrap().take_dirty(1_800_000_000);
+    let written = ledger.lock().unwrap().take_changes(1_800_000_000);
+    {
+        // Taken to be written, not written yet: still not deleted.
+        let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            Action::requeue(Duration::from_secs(3))
+        );
+        no_more_requests(&mut h).await;
+    }
+    ledger
+        .lock()
+        .unwrap()
+        .finished(&written[0].0, &written[0].1, None);
     let segment = &written[0].1.write[0];
     assert_eq!(
         (segment.slot, segment.seq),

@@ -277,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..serf_operator::ledger::MAX_ENTRIES {
         prefill.record(&bench_ref, &format!("bench-prefill-{i:05}"), long_ago);
     }
-    for (_, changes) in prefill.take_dirty(long_ago) {
+    for (_, changes) in prefill.take_changes(long_ago) {
         serf_operator::ledger::write_ledger(&client, &bench_ref, &changes)
             .await
             .map_err(|(e, _)| e)?;
