@@ -151,6 +151,9 @@ def test_rbac_is_least_privilege():
     assert verbs[("events.k8s.io", "events")] == {"create", "patch"}
     state = [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-state")][0]
     assert {"coordination.k8s.io"} <= {g for r in state["rules"] for g in r["apiGroups"]}
+    # the membership record; the Job creates handed over at shutdown, deleted once taken back
+    own = [r for r in state["rules"] if r["resources"] == ["configmaps"]][0]
+    assert set(own["verbs"]) == {"get", "create", "patch", "delete"}
 
 
 def test_full_values():

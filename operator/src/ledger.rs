@@ -8,13 +8,14 @@
 //! handler (`<handler>-serf-launched` for slot 0, `<handler>-serf-launched-<slot>` for the
 //! others). Launches go to the newest segment; when it is full the next slot starts, and the
 //! segment held there before (the oldest) is replaced whole. A flush writes only the
-//! segments that changed, about 66 KB at most, not the whole ledger. An old segment is also
-//! dropped once all its names are older than the horizon (7 days) and the newer segments
-//! keep at least 2,048 names. So the newest 2,048 names are always kept, names younger than
-//! 7 days are kept while among the newest 14,336 or more, and never more than 16,384 are
-//! kept (about 530 KiB, in memory and in the cluster): all of these bounds exceed what Serf
-//! can replay (512 user events). A name in the ledger is not launched again. Also persisted
-//! here: the membership last acted on.
+//! segments that changed (the newest, about 66 KB at most, and the one before it when that
+//! has just filled), not the whole ledger; a name counts as recorded once its segment's
+//! write is confirmed. An old segment is also dropped once all its names are older than the
+//! horizon (7 days) and the newer segments keep at least 2,048 names. So the newest 2,048
+//! names are always kept, names younger than 7 days are kept while among the newest 14,336
+//! or more, and never more than 16,384 are kept (about 530 KiB, in memory and in the
+//! cluster): all of these bounds exceed what Serf can replay (512 user events). A name in the
+//! ledger is not launched again. Also persisted here: the membership last acted on.
 
 use std::collections::{BTreeMap, VecDeque};
 
