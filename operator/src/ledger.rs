@@ -255,12 +255,14 @@ impl Ledger {
                 l.segments.push_back(seg);
             }
         } else {
-            let mut all: Vec<(i64, &str)> = sorted
-                .iter()
-                .flat_map(|s| parse_lines(&s.text).map(|(n, t)| (t, n)))
-                .collect();
+            // Each name once, at its latest launch time, oldest first.
+            let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
+            for (name, t) in sorted.iter().flat_map(|s| parse_lines(&s.text)) {
+                let at = latest.entry(name).or_insert(t);
+                *at = (*at).max(t);
+            }
+            let mut all: Vec<(i64, &str)> = latest.into_iter().map(|(n, t)| (t, n)).collect();
             all.sort_unstable();
-            all.dedup_by(|a, b| a.1 == b.1);
             let skip = all.len().saturating_sub(MAX_ENTRIES);
             for (t, name) in all.into_iter().skip(skip) {
                 l.add(name.to_string(), t);
@@ -753,6 +755,12 @@ mod tests {
         let text: String = (0..(MAX_ENTRIES + 100))
             .map(|i| format!("old-{i:06} {}\n", now - 100_000 + i as i64))
             .collect();
+        // The same name in two old ConfigMaps is rebuilt once.
+        let dup = StoredSegment {
+            slot: 3,
+            seq: None,
+            text: format!("old-{:06} {now}\n", MAX_ENTRIES + 99),
+        };
         let mut l = Ledger::default();
         l.record(&h(), "launched-before-the-read", now);
         assert!(
@@ -762,12 +770,18 @@ mod tests {
         assert_eq!(l.unloaded().len(), 1);
         l.load(
             &h(),
-            &[StoredSegment {
-                slot: 0,
-                seq: None,
-                text,
-            }],
+            &[
+                StoredSegment {
+                    slot: 0,
+                    seq: None,
+                    text,
+                },
+                dup,
+            ],
         );
+        // Rebuilt full (each name once); the launch recorded before the read starts a ninth
+        // segment in the oldest's place.
+        assert_eq!(l.len(&h()), MAX_ENTRIES - SEGMENT_ENTRIES + 1);
         assert!(l.unloaded().is_empty());
         assert!(l.contains(&h(), "launched-before-the-read"));
         assert!(!l.contains(&h(), "old-000000"), "beyond the newest 16,384");
