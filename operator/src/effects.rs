@@ -19,7 +19,6 @@ use tracing::Instrument;
 use crate::answer::PendingAnswer;
 use crate::dispatch::{DropReason, Effects, RouteEvent, Severity};
 use crate::engine::{Launch, Membership, SkipReason};
-use crate::error::kube_call;
 use crate::jobs::HandlerRef;
 use crate::launcher::{LaunchResult, Launcher, RetryPolicy};
 use crate::ledger::{self, Ledger};
@@ -373,23 +372,15 @@ impl Worker {
         let l = &p.launch;
         let name = l.job.metadata.name.clone().unwrap_or_default();
         // The ledger remembers launches whose Jobs are gone; read it once per handler.
-        if self.ledger_has(&l.handler, &name).is_none() {
-            match kube_call(
-                "read the launch ledger",
-                self.policy.call_timeout,
-                ledger::read_ledger(&self.client, &l.handler),
-            )
-            .await
-            {
-                Ok(stored) => {
-                    if let Ok(mut ledger) = self.ledger.lock() {
-                        ledger.load(&l.handler, &stored);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the launch ledger; relying on the Job name alone");
-                }
-            }
+        if let Err(e) = ledger::load_once(
+            &self.client,
+            &self.ledger,
+            &l.handler,
+            self.policy.call_timeout,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "cannot read the launch ledger; relying on the Job name alone");
         }
         let result = if self.ledger_has(&l.handler, &name) == Some(true) {
             None

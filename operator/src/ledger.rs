@@ -239,38 +239,40 @@ impl Ledger {
             .into_iter()
             .flat_map(|s| s.entries)
             .collect();
-        let mut sorted: Vec<&StoredSegment> = stored.iter().collect();
-        sorted.sort_by_key(|s| s.seq);
-        let shaped = sorted.iter().all(|s| {
-            s.seq.is_some_and(|q| q % SEGMENTS == s.slot)
-                && parse_lines(&s.text).count() <= SEGMENT_ENTRIES
-        });
-        if shaped {
-            for s in &sorted {
+        let mut read: Vec<(u64, Option<u64>, Segment)> = stored
+            .iter()
+            .map(|s| {
                 let mut seg = Segment::new(s.seq.unwrap_or(0));
                 for (name, t) in parse_lines(&s.text) {
                     seg.insert(name.to_string(), t);
                 }
                 seg.written = seg.entries.len();
-                l.segments.push_back(seg);
-            }
+                (s.slot, s.seq, seg)
+            })
+            .collect();
+        read.sort_by_key(|(_, seq, _)| *seq);
+        let shaped = read.iter().all(|(slot, seq, seg)| {
+            seq.is_some_and(|q| q % SEGMENTS == *slot) && seg.entries.len() <= SEGMENT_ENTRIES
+        });
+        if shaped {
+            l.segments = read.into_iter().map(|(_, _, seg)| seg).collect();
         } else {
             // Each name once, at its latest launch time, oldest first.
-            let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
-            for (name, t) in sorted.iter().flat_map(|s| parse_lines(&s.text)) {
-                let at = latest.entry(name).or_insert(t);
-                *at = (*at).max(t);
+            let mut latest: BTreeMap<String, i64> = BTreeMap::new();
+            for (name, t) in read.iter().flat_map(|(_, _, seg)| &seg.entries) {
+                let at = latest.entry(name.clone()).or_insert(*t);
+                *at = (*at).max(*t);
             }
-            let mut all: Vec<(i64, &str)> = latest.into_iter().map(|(n, t)| (t, n)).collect();
+            let mut all: Vec<(i64, String)> = latest.into_iter().map(|(n, t)| (t, n)).collect();
             all.sort_unstable();
             let skip = all.len().saturating_sub(MAX_ENTRIES);
             for (t, name) in all.into_iter().skip(skip) {
-                l.add(name.to_string(), t);
+                l.add(name, t);
             }
             let used: Vec<u64> = l.segments.iter().map(|s| s.seq % SEGMENTS).collect();
-            l.deletes = sorted
+            l.deletes = read
                 .iter()
-                .map(|s| s.slot)
+                .map(|(slot, _, _)| *slot)
                 .filter(|slot| !used.contains(slot))
                 .collect();
         }
@@ -404,6 +406,27 @@ pub async fn read_ledger(
         out.push(StoredSegment { slot, seq, text });
     }
     Ok(out)
+}
+
+/// Reads the handler's ledger into `ledger`, unless it was read before.
+///
+/// # Errors
+/// The read failed or timed out (after `timeout`).
+pub async fn load_once(
+    client: &Client,
+    ledger: &std::sync::Mutex<Ledger>,
+    h: &HandlerRef,
+    timeout: std::time::Duration,
+) -> Result<(), Error> {
+    if ledger.lock().is_ok_and(|l| l.is_loaded(h)) {
+        return Ok(());
+    }
+    let stored =
+        crate::error::kube_call("read the launch ledger", timeout, read_ledger(client, h)).await?;
+    if let Ok(mut l) = ledger.lock() {
+        l.load(h, &stored);
+    }
+    Ok(())
 }
 
 /// One key of a ConfigMap; `None` when the ConfigMap or the key is absent.

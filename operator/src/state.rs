@@ -185,21 +185,8 @@ impl StateWriter {
             Err(_) => Vec::new(),
         };
         for h in unloaded {
-            match kube_call(
-                "read the launch ledger",
-                t,
-                ledger::read_ledger(&self.client, &h),
-            )
-            .await
-            {
-                Ok(stored) => {
-                    if let Ok(mut l) = self.ledger.lock() {
-                        l.load(&h, &stored);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, handler = %h, "cannot read the launch ledger; will retry");
-                }
+            if let Err(e) = ledger::load_once(&self.client, &self.ledger, &h, t).await {
+                tracing::warn!(error = %e, handler = %h, "cannot read the launch ledger; will retry");
             }
         }
         let changed = match self.ledger.lock() {

@@ -170,22 +170,7 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
             Action::await_change()
         });
     }
-    let loaded = ctx
-        .ledger
-        .lock()
-        .map(|l| l.is_loaded(&href))
-        .unwrap_or(false);
-    if !loaded {
-        let stored = kube_call(
-            "read the launch ledger",
-            ctx.call_timeout,
-            ledger::read_ledger(&ctx.client, &href),
-        )
-        .await?;
-        if let Ok(mut l) = ctx.ledger.lock() {
-            l.load(&href, &stored);
-        }
-    }
+    ledger::load_once(&ctx.client, &ctx.ledger, &href, ctx.call_timeout).await?;
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &href.namespace);
     let dp = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
