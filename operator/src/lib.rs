@@ -23,6 +23,7 @@ pub mod engine;
 pub mod error;
 pub mod index;
 pub mod jobs;
+pub mod keyring;
 pub mod launcher;
 pub mod leader;
 pub mod ledger;
