@@ -80,10 +80,7 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 async fn a_rotation_survives_a_member_killed_and_an_operator_restart_between_steps() {
     let (old, new) = (keygen().unwrap(), keygen().unwrap());
     let cfgs = (1..=4)
-        .map(|i| {
-            AgentConfig::new(format!("krot-{i}"))
-                .keyring([old.clone()])
-        })
+        .map(|i| AgentConfig::new(format!("krot-{i}")).keyring([old.clone()]))
         .collect();
     let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(cfgs).unwrap())
         .await
@@ -102,12 +99,19 @@ async fn a_rotation_survives_a_member_killed_and_an_operator_restart_between_ste
     let desired = ring(&new, &[]);
     let o = acting_step(&first, &desired).await;
     assert_eq!(o.action, Action::Install(desired.primary.clone()));
-    assert!(o.notes.iter().any(|n| n.reason == "KeyInstalled"), "{:?}", o.notes);
+    assert!(
+        o.notes.iter().any(|n| n.reason == "KeyInstalled"),
+        "{:?}",
+        o.notes
+    );
     let rec = store.record();
     let rot = rec.rotation.clone().unwrap();
     assert_eq!(rot.id, 1);
     for a in cluster.iter() {
-        assert_eq!(sorted(a.keyring().unwrap()), sorted(vec![old.clone(), new.clone()]));
+        assert_eq!(
+            sorted(a.keyring().unwrap()),
+            sorted(vec![old.clone(), new.clone()])
+        );
     }
 
     // The operator stops, having recorded the next step (use) without doing it.
@@ -204,7 +208,11 @@ async fn a_rotation_survives_a_member_killed_and_an_operator_restart_between_ste
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unencrypted_cluster_is_left_alone_with_the_reason_shown() {
     let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start(vec![AgentConfig::new("kplain-1"), AgentConfig::new("kplain-2")]).unwrap()
+        Cluster::start(vec![
+            AgentConfig::new("kplain-1"),
+            AgentConfig::new("kplain-2"),
+        ])
+        .unwrap()
     })
     .await
     .unwrap();

@@ -329,9 +329,8 @@ impl Agent {
     /// The file cannot be read or is not a JSON array of strings.
     pub fn keyring(&self) -> io::Result<Vec<String>> {
         let path = self.keyring_file_path();
-        let text = fs::read_to_string(&path).map_err(|e| {
-            self.err(e.kind(), format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = fs::read_to_string(&path)
+            .map_err(|e| self.err(e.kind(), format!("cannot read {}: {e}", path.display())))?;
         serde_json::from_str(&text).map_err(|e| {
             self.err(
                 io::ErrorKind::InvalidData,
@@ -577,10 +576,7 @@ impl Agent {
         };
         self.starts += 1;
         let config_file = self.cfg.config_file_json().map(|_| self.config_file_path());
-        let keyring_file = self
-            .cfg
-            .initial_keyring()
-            .map(|_| self.keyring_file_path());
+        let keyring_file = self.cfg.initial_keyring().map(|_| self.keyring_file_path());
         let args = self.cfg.agent_args(
             self.bind_addr,
             self.rpc_addr,

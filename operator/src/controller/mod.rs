@@ -5,6 +5,7 @@
 //! backs off per object.
 
 pub mod handler;
+pub mod keyring;
 pub mod trigger;
 
 use futures::Stream;

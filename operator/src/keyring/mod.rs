@@ -18,6 +18,9 @@ use std::fmt;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
+/// The ConfigMap (in the operator's namespace) holding the rotation's record and status.
+pub const STATE_CONFIGMAP: &str = "serf-operator-keyring";
+
 /// The Secret's entry with the primary key (the one the chart has always read).
 pub const PRIMARY_ENTRY: &str = "key";
 /// The Secret's optional entry with more keys to keep installed.
@@ -102,6 +105,18 @@ impl Keyring {
     /// # Errors
     /// No `key`, an entry that is not UTF-8, or a key that is not a Serf key.
     pub fn from_secret_data(data: &BTreeMap<String, Vec<u8>>) -> Result<Keyring, String> {
+        Self::from_entries(data, PRIMARY_ENTRY)
+    }
+
+    /// As [`Keyring::from_secret_data`], with the primary key under `primary_entry` (the
+    /// chart's `serf.encryptKeySecret.key`).
+    ///
+    /// # Errors
+    /// As [`Keyring::from_secret_data`].
+    pub fn from_entries(
+        data: &BTreeMap<String, Vec<u8>>,
+        primary_entry: &str,
+    ) -> Result<Keyring, String> {
         let text = |entry: &str| -> Result<Option<&str>, String> {
             data.get(entry)
                 .map(|b| {
@@ -110,10 +125,11 @@ impl Keyring {
                 })
                 .transpose()
         };
-        let primary = text(PRIMARY_ENTRY)?
-            .ok_or_else(|| format!("the Secret has no entry {PRIMARY_ENTRY:?} (the primary key)"))?;
-        let primary = Key::parse(primary)
-            .map_err(|e| format!("the Secret's entry {PRIMARY_ENTRY:?} {e}"))?;
+        let primary = text(primary_entry)?.ok_or_else(|| {
+            format!("the Secret has no entry {primary_entry:?} (the primary key)")
+        })?;
+        let primary =
+            Key::parse(primary).map_err(|e| format!("the Secret's entry {primary_entry:?} {e}"))?;
         let mut others = Vec::new();
         if let Some(list) = text(OTHERS_ENTRY)? {
             for (i, k) in list
@@ -121,8 +137,9 @@ impl Keyring {
                 .filter(|s| !s.is_empty())
                 .enumerate()
             {
-                let k = Key::parse(k)
-                    .map_err(|e| format!("key {} of the Secret's entry {OTHERS_ENTRY:?} {e}", i + 1))?;
+                let k = Key::parse(k).map_err(|e| {
+                    format!("key {} of the Secret's entry {OTHERS_ENTRY:?} {e}", i + 1)
+                })?;
                 if k != primary && !others.contains(&k) {
                     others.push(k);
                 }
@@ -145,8 +162,12 @@ impl Keyring {
     /// The keyring as Serf's keyring file holds it: a JSON array of base64 keys, the primary
     /// first.
     pub fn to_keyring_file(&self) -> String {
-        serde_json::Value::from(self.all().map(|k| k.expose().to_string()).collect::<Vec<_>>())
-            .to_string()
+        serde_json::Value::from(
+            self.all()
+                .map(|k| k.expose().to_string())
+                .collect::<Vec<_>>(),
+        )
+        .to_string()
     }
 
     /// A name for the whole keyring (its primary and its set of keys), to tell one rotation
@@ -208,9 +229,15 @@ mod tests {
         let short = b64(&[1; 8]);
         for (d, want) in [
             (data(&[]), "no entry \"key\""),
-            (data(&[("key", "not base64!")]), "entry \"key\" is not base64"),
+            (
+                data(&[("key", "not base64!")]),
+                "entry \"key\" is not base64",
+            ),
             (data(&[("key", &short)]), "is 8 bytes"),
-            (data(&[("key", A), ("keys", "zz!")]), "key 1 of the Secret's entry \"keys\""),
+            (
+                data(&[("key", A), ("keys", "zz!")]),
+                "key 1 of the Secret's entry \"keys\"",
+            ),
         ] {
             let e = Keyring::from_secret_data(&d).unwrap_err();
             assert!(e.contains(want), "{e}");
@@ -218,7 +245,11 @@ mod tests {
         }
         let mut d = data(&[]);
         d.insert("key".into(), vec![0xff, 0xfe]);
-        assert!(Keyring::from_secret_data(&d).unwrap_err().contains("not text"));
+        assert!(
+            Keyring::from_secret_data(&d)
+                .unwrap_err()
+                .contains("not text")
+        );
     }
 
     #[test]

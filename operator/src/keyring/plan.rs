@@ -368,7 +368,10 @@ pub fn next(desired: &Keyring, record: &Record, obs: &Observed, now: &str) -> Pl
     }
 
     let (step, action) = if let Some(k) = missing.first() {
-        (Step::Install(k.fingerprint()), Action::Install((*k).clone()))
+        (
+            Step::Install(k.fingerprint()),
+            Action::Install((*k).clone()),
+        )
     } else if rec.in_use.as_deref() != Some(&primary) {
         (
             Step::Use(primary.clone()),
@@ -471,7 +474,12 @@ mod tests {
 
     /// Plays a rotation against a model cluster of `n` members whose keyrings follow the
     /// actions, the way Serf applies them; returns the actions taken.
-    fn play(desired: &Keyring, rec: &mut Record, held: &mut BTreeMap<String, i64>, n: i64) -> Vec<Action> {
+    fn play(
+        desired: &Keyring,
+        rec: &mut Record,
+        held: &mut BTreeMap<String, i64>,
+        n: i64,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
         for _ in 0..20 {
             let o = Observed {
@@ -487,12 +495,20 @@ mod tests {
                     held.insert(k.expose().to_string(), n);
                 }
                 Action::Use(k) => {
-                    assert_eq!(held.get(k.expose()), Some(&n), "use of a key some member lacks");
+                    assert_eq!(
+                        held.get(k.expose()),
+                        Some(&n),
+                        "use of a key some member lacks"
+                    );
                     used(rec, &k.fingerprint(), true);
                 }
                 Action::Remove { primary, key } => {
                     assert_eq!(rec.in_use, Some(primary.fingerprint()));
-                    assert_ne!(fingerprint_of(&key), primary.fingerprint(), "removing the key in use");
+                    assert_ne!(
+                        fingerprint_of(&key),
+                        primary.fingerprint(),
+                        "removing the key in use"
+                    );
                     held.remove(&key);
                     removed(rec, &key);
                 }
@@ -506,7 +522,10 @@ mod tests {
         let mut rec = Record::default();
         let mut held: BTreeMap<String, i64> = [(key(1).expose().to_string(), 4)].into();
         // First look: the one key in the cluster is the Secret's.
-        assert_eq!(play(&ring(1, &[]), &mut rec, &mut held, 4), [Action::InSync]);
+        assert_eq!(
+            play(&ring(1, &[]), &mut rec, &mut held, 4),
+            [Action::InSync]
+        );
         assert_eq!(rec.in_use, Some(key(1).fingerprint()));
         assert_eq!(rec.rotation, None);
         assert_eq!(rec.last, None, "no rotation for a cluster already in sync");
@@ -559,7 +578,11 @@ mod tests {
             ..Record::default()
         };
         let p = next(&ring(2, &[]), &rec, &obs(4, &[(1, 4), (2, 3)]), NOW);
-        assert_eq!(p.action, Action::Install(key(2)), "installed again, not used");
+        assert_eq!(
+            p.action,
+            Action::Install(key(2)),
+            "installed again, not used"
+        );
         assert_eq!(
             p.record.rotation.as_ref().unwrap().step,
             Some(Step::Install(key(2).fingerprint()))
@@ -576,11 +599,18 @@ mod tests {
         let mut o = obs(4, &[(1, 3), (2, 3)]);
         o.num_resp = 3;
         let p = next(&ring(2, &[]), &rec, &o, NOW);
-        assert!(matches!(&p.action, Action::Wait(w) if w.contains("3 of 4")), "{:?}", p.action);
+        assert!(
+            matches!(&p.action, Action::Wait(w) if w.contains("3 of 4")),
+            "{:?}",
+            p.action
+        );
         assert_eq!(p.record, rec);
         let mut o = obs(4, &[(1, 4)]);
         o.num_err = 4;
-        o.messages.insert("m0".into(), "Keyring is empty (encryption not enabled)".into());
+        o.messages.insert(
+            "m0".into(),
+            "Keyring is empty (encryption not enabled)".into(),
+        );
         let p = next(&ring(2, &[]), &rec, &o, NOW);
         assert!(matches!(&p.action, Action::Wait(w) if w.contains("encryption not enabled")));
     }
@@ -650,9 +680,16 @@ mod tests {
         o.failed = names(&["m3"]);
         let p = next(&ring(2, &[]), &rec, &o, NOW);
         assert_eq!(p.action, Action::Use(key(2)));
-        let n = p.notes.iter().find(|n| n.reason == "KeyRotationMembersUnreachable").unwrap();
+        let n = p
+            .notes
+            .iter()
+            .find(|n| n.reason == "KeyRotationMembersUnreachable")
+            .unwrap();
         assert!(n.warning && n.message.contains("m3") && n.message.contains(&key(2).fingerprint()));
-        assert_eq!(p.record.rotation.as_ref().unwrap().unreachable, names(&["m3"]));
+        assert_eq!(
+            p.record.rotation.as_ref().unwrap().unreachable,
+            names(&["m3"])
+        );
         // Not reported twice.
         let p2 = next(&ring(2, &[]), &p.record, &o, NOW);
         assert!(p2.notes.is_empty());

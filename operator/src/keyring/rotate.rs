@@ -47,7 +47,10 @@ impl MemoryStore {
 
 impl RecordStore for MemoryStore {
     async fn load(&self) -> Result<(Record, Option<String>), Error> {
-        let g = self.0.lock().map_err(|_| Error::Invalid("store poisoned".into()))?;
+        let g = self
+            .0
+            .lock()
+            .map_err(|_| Error::Invalid("store poisoned".into()))?;
         Ok((g.0.clone(), (g.1 > 0).then(|| g.1.to_string())))
     }
     async fn save(
@@ -56,7 +59,10 @@ impl RecordStore for MemoryStore {
         status: &BTreeMap<String, String>,
         version: Option<&str>,
     ) -> Result<Option<String>, Error> {
-        let mut g = self.0.lock().map_err(|_| Error::Invalid("store poisoned".into()))?;
+        let mut g = self
+            .0
+            .lock()
+            .map_err(|_| Error::Invalid("store poisoned".into()))?;
         let now = (g.1 > 0).then(|| g.1.to_string());
         if version.is_some() && now.as_deref() != version {
             return Err(Error::Invalid(format!(
@@ -118,7 +124,10 @@ impl RecordStore for ConfigMapStore {
         let version = cm.metadata.resource_version.clone();
         let record = match cm.data.and_then(|mut d| d.remove(RECORD_ENTRY)) {
             Some(text) => serde_json::from_str(&text).map_err(|e| Error::Corrupt {
-                what: format!("ConfigMap {}/{} entry {RECORD_ENTRY}", self.namespace, self.name),
+                what: format!(
+                    "ConfigMap {}/{} entry {RECORD_ENTRY}",
+                    self.namespace, self.name
+                ),
                 message: e.to_string(),
             })?,
             None => Record::default(),
@@ -183,9 +192,12 @@ impl Outcome {
 pub struct Rotator<S> {
     serf: serf_client::Client,
     store: S,
-    /// The status this rotator last wrote (a wait's reason is written once, not each time).
-    written: Mutex<Option<BTreeMap<String, String>>>,
+    /// The status last written (a wait's reason is written once, not each time).
+    written: StatusCache,
 }
+
+/// The status last written, shared by the rotators of one process (one per agent connection).
+pub type StatusCache = Arc<Mutex<Option<BTreeMap<String, String>>>>;
 
 fn serf_err(what: &str) -> impl FnOnce(serf_client::Error) -> Error + '_ {
     move |source| Error::Serf {
@@ -298,10 +310,15 @@ pub fn status_view(record: &Record, obs: &Observed, action: &Action) -> BTreeMap
 impl<S: RecordStore> Rotator<S> {
     /// A rotator through the agent behind `serf`, recording in `store`.
     pub fn new(serf: serf_client::Client, store: S) -> Self {
+        Self::with_cache(serf, store, StatusCache::default())
+    }
+
+    /// A rotator that shares `written` (the status last written) with rotators before it.
+    pub fn with_cache(serf: serf_client::Client, store: S, written: StatusCache) -> Self {
         Rotator {
             serf,
             store,
-            written: Mutex::new(None),
+            written,
         }
     }
 
@@ -381,19 +398,28 @@ impl<S: RecordStore> Rotator<S> {
                     Ok(a) => Note {
                         warning: false,
                         reason: "PrimaryKeyChanged",
-                        message: format!("key {k} is the primary on all {} alive members", a.num_nodes),
+                        message: format!(
+                            "key {k} is the primary on all {} alive members",
+                            a.num_nodes
+                        ),
                     },
                     Err(a) => Note {
                         warning: true,
                         reason: "PrimaryKeyChangeIncomplete",
-                        message: format!("key {k} not made the primary everywhere: {}", failures(a)),
+                        message: format!(
+                            "key {k} not made the primary everywhere: {}",
+                            failures(a)
+                        ),
                     },
                 });
             }
             Action::Remove { primary, key } => {
                 // The key removed must be in use nowhere: the primary is confirmed first, by
                 // every alive member.
-                let r = answer(self.serf.use_key(primary.expose()).await, "confirm the primary key")?;
+                let r = answer(
+                    self.serf.use_key(primary.expose()).await,
+                    "confirm the primary key",
+                )?;
                 if let Err(a) = r {
                     plan::used(&mut rec, &primary.fingerprint(), false);
                     notes.push(Note {
@@ -414,7 +440,10 @@ impl<S: RecordStore> Rotator<S> {
                             notes.push(Note {
                                 warning: false,
                                 reason: "KeyRemoved",
-                                message: format!("key {fp} removed from all {} alive members", a.num_nodes),
+                                message: format!(
+                                    "key {fp} removed from all {} alive members",
+                                    a.num_nodes
+                                ),
                             });
                         }
                         Err(a) => notes.push(Note {
