@@ -2,6 +2,7 @@
 //! files, one member killed during the rotation, the operator "restarted" between steps (a
 //! new rotation engine on the recorded state, one step recorded and not done), and the
 //! agents' keyring files afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -172,7 +173,12 @@ async fn a_rotation_survives_a_member_killed_and_an_operator_restart_between_ste
 
     // Every alive agent's keyring file holds the new key only (the agents wrote it).
     for a in cluster.iter().take(3) {
-        assert_eq!(a.keyring().unwrap(), [new.clone()], "{}", a.name());
+        assert_eq!(
+            a.keyring().unwrap(),
+            std::slice::from_ref(&new),
+            "{}",
+            a.name()
+        );
     }
     // The dead member's file still has the old primary: as reported, it needs the new one.
     let dead = cluster[3].keyring().unwrap();
@@ -188,7 +194,7 @@ async fn a_rotation_survives_a_member_killed_and_an_operator_restart_between_ste
     // Given what the report says it needs, the dead member rejoins.
     std::fs::write(
         cluster[3].keyring_file_path(),
-        serde_json::to_string(&[new.clone()]).unwrap(),
+        serde_json::to_string(std::slice::from_ref(&new)).unwrap(),
     )
     .unwrap();
     let seed = cluster[0].bind_addr();

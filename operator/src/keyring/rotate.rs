@@ -32,7 +32,10 @@ pub trait RecordStore: Send + Sync {
 /// A store in memory, for tests and local use: shared by clones (as a ConfigMap is by
 /// operator runs).
 #[derive(Clone, Default)]
-pub struct MemoryStore(Arc<Mutex<(Record, u64, BTreeMap<String, String>)>>);
+pub struct MemoryStore(Arc<Mutex<Stored>>);
+
+/// What a [`MemoryStore`] holds: the record, its version, the status.
+type Stored = (Record, u64, BTreeMap<String, String>);
 
 impl MemoryStore {
     /// The record stored now.
