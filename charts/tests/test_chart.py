@@ -446,6 +446,11 @@ def test_gossip_keyring_file_and_rotation():
     docs = render(FULL)
     cs, pod = containers(docs)
     assert "--keyring-file=/serf-keyring/keyring.json" in cs["agent-config"]["args"]
+    # a pod started mid-rotation puts the key the cluster still uses first
+    assert "--primary-in-use-file=/serf-keyring-state/primary" in cs["agent-config"]["args"]
+    state_vol = [v for v in pod["volumes"] if v["name"] == "serf-keyring-state"][0]
+    assert state_vol["configMap"] == {"name": "serf-operator-keyring", "optional": True,
+                                      "items": [{"key": "primary", "path": "primary"}]}
     vol = [v for v in pod["volumes"] if v["name"] == "serf-keyring"][0]
     assert vol["emptyDir"]["medium"] == "Memory"
     mounts = {m["name"]: m for m in cs["serf-agent"]["volumeMounts"]}

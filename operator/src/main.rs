@@ -185,6 +185,12 @@ enum Command {
         /// Written with mode 0600, on a volume the agent can write.
         #[arg(long)]
         keyring_file: Option<PathBuf>,
+        /// A file holding the fingerprint of the primary key the cluster uses now (the key
+        /// rotation record's `primary`, mounted from its ConfigMap); when it is one of the
+        /// Secret's keys, the keyring file starts with it, so that a pod started in the middle
+        /// of a rotation joins with the key the others still use. Absent: ignored.
+        #[arg(long)]
+        primary_in_use_file: Option<PathBuf>,
     },
     /// Follow a live Serf agent: route every event through SerfHandler manifests, print the
     /// results as YAML, and answer queries for `respond` routes.
@@ -301,6 +307,7 @@ fn main() -> anyhow::Result<()> {
             leave_on_terminate,
             encrypt_keys,
             keyring_file,
+            primary_in_use_file,
         } => {
             let mut cfg = agent_config(rpc_auth, encrypt_key, leave_on_terminate)?;
             if let (Some(path), Some(obj)) = (keyring_file, cfg.as_object_mut())
@@ -313,10 +320,15 @@ fn main() -> anyhow::Result<()> {
                         return Err(e).with_context(|| format!("reading {}", path.display()));
                     }
                 };
+                let in_use = primary_in_use_file
+                    .and_then(|f| std::fs::read_to_string(f).ok())
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty());
                 let text = keyring_file_contents(
                     primary.as_str().unwrap_or_default(),
                     encrypt_keys.as_deref(),
                     existing.as_deref(),
+                    in_use.as_deref(),
                 )?;
                 write_private(&path, text.as_bytes())?;
                 obj.insert(
@@ -450,11 +462,13 @@ fn agent_config(
 
 /// The agent's keyring file: the primary, the other keys, then keys the file already held
 /// that are neither (the agent may have been given them over RPC; the rotation removes them
-/// once the Secret no longer has them). Errors never hold a key.
+/// once the Secret no longer has them). When `in_use` (a fingerprint: the primary the
+/// cluster uses now) names one of these keys, that key goes first. Errors never hold a key.
 fn keyring_file_contents(
     primary: &str,
     others: Option<&str>,
     existing: Option<&str>,
+    in_use: Option<&str>,
 ) -> anyhow::Result<String> {
     use serf_operator::keyring::{Key, Keyring};
     let mut data = std::collections::BTreeMap::new();
@@ -477,6 +491,14 @@ fn keyring_file_contents(
             }
             Err(_) => eprintln!("the existing keyring file is not a JSON list of keys; rewritten"),
         }
+    }
+    if let Some(fp) = in_use
+        && let Some(i) = keys
+            .iter()
+            .position(|k| serf_operator::keyring::fingerprint_of(k) == fp)
+    {
+        let k = keys.remove(i);
+        keys.insert(0, k);
     }
     Ok(serde_json::to_string(&keys)?)
 }
@@ -582,19 +604,31 @@ mod tests {
         use base64::Engine as _;
         let b = base64::engine::general_purpose::STANDARD.encode([2u8; 32]);
         let c = base64::engine::general_purpose::STANDARD.encode([3u8; 32]);
-        let text = keyring_file_contents(KEY, Some(&format!("{b}\n")), None).unwrap();
+        let text = keyring_file_contents(KEY, Some(&format!("{b}\n")), None, None).unwrap();
         assert_eq!(
             serde_json::from_str::<Vec<String>>(&text).unwrap(),
             [KEY, &b]
         );
         // After a restart: the file the agent kept (a rotation made `c` the primary there).
         let kept = serde_json::to_string(&[&c, KEY]).unwrap();
-        let text = keyring_file_contents(KEY, None, Some(&kept)).unwrap();
+        let text = keyring_file_contents(KEY, None, Some(&kept), None).unwrap();
         assert_eq!(
             serde_json::from_str::<Vec<String>>(&text).unwrap(),
             [KEY, &c]
         );
-        let e = keyring_file_contents(KEY, Some("nope!"), None).unwrap_err();
+        // In mid-rotation the cluster still uses the old key (kept in `keys`): it goes first.
+        let fp = serf_operator::keyring::fingerprint_of(&b);
+        let text = keyring_file_contents(KEY, Some(&b), None, Some(&fp)).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Vec<String>>(&text).unwrap(),
+            [&b, KEY]
+        );
+        let text = keyring_file_contents(KEY, Some(&b), None, Some("000000000000")).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Vec<String>>(&text).unwrap(),
+            [KEY, &b]
+        );
+        let e = keyring_file_contents(KEY, Some("nope!"), None, None).unwrap_err();
         assert!(format!("{e:#}").contains("SERF_ENCRYPT_KEYS"), "{e:#}");
     }
 
