@@ -11,7 +11,8 @@
 //! rollout show the outside agent member-leave and member-join, never member-failed; a pod
 //! whose join address does not answer starts anyway (no crash loop), is not Ready, and is
 //! Ready once the address answers; with exactly the chart's RBAC, a user event becomes a Job
-//! and the handler's launch ledger records it.
+//! and the handler's launch ledger records it. A second test rotates the gossip keys of a
+//! Serf cluster of four from the Secret (see its doc).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
