@@ -2,7 +2,8 @@
 //! the one ConfigMap it is asked to (with resourceVersions, refusing a stale write with 409)
 //! and takes Events, and real Serf agents: a new primary in the Secret rotates the cluster
 //! with every step recorded first and counted once; a standby does nothing; a bad Secret is
-//! an Event and nothing else; a record written meanwhile by another replica stops the step.
+//! an Event and nothing else; a record written meanwhile by another replica stops the step;
+//! a leader change in mid-rotation: the new leader finishes it, counted once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,9 @@ struct Seen {
     bodies: Vec<String>,
     /// Answer the next write with 409 (another replica wrote meanwhile).
     conflict_next: bool,
+    /// Answer every write from this many writes on with 409 (the replica lost the Lease and
+    /// the new leader writes).
+    refuse_from: Option<usize>,
 }
 
 /// Serves the ConfigMap and Events until the client is dropped.
@@ -65,9 +69,11 @@ fn serve(mut h: Handle, seen: Arc<Mutex<Seen>>) -> tokio::task::JoinHandle<()> {
                     let record: Value =
                         serde_json::from_str(body["data"]["record.json"].as_str().unwrap())
                             .unwrap();
+                    let refused = s.refuse_from.is_some_and(|n| s.writes.len() >= n);
                     s.writes.push((sent_rv.clone(), record));
                     let current = s.cm.as_ref().map(|(_, rv)| rv.to_string());
                     if std::mem::take(&mut s.conflict_next)
+                        || refused
                         || (sent_rv.is_some() && sent_rv != current)
                     {
                         (
@@ -133,9 +139,13 @@ struct Fixture {
 }
 
 async fn fixture(agent: std::net::SocketAddr, leader: bool) -> Fixture {
+    fixture_on(agent, leader, Arc::default()).await
+}
+
+/// A replica whose API server keeps its objects in `seen` (shared by replicas).
+async fn fixture_on(agent: std::net::SocketAddr, leader: bool, seen: Arc<Mutex<Seen>>) -> Fixture {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
-    let seen = Arc::new(Mutex::new(Seen::default()));
     let server = serve(handle, seen.clone());
     let serf = serf_client::Client::connect(ClientConfig::new(agent.to_string()))
         .await
@@ -303,4 +313,64 @@ async fn a_record_written_meanwhile_stops_the_step_before_the_agent_is_asked() {
     until_in_sync(&secret(json!({"key": b64(&new)})), &f.ctx).await;
     let listed = cluster[0].serf_ok(&["keys", "-list"]).unwrap();
     assert!(listed.contains(&new) && !listed.contains(&old), "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_finishes_the_rotation_and_it_counts_once() {
+    let (old, new) = (keygen().unwrap(), keygen().unwrap());
+    let cluster = encrypted_pair(&old).await;
+    let api = Arc::new(Mutex::new(Seen::default()));
+    // Replica A leads through its own agent; replica B waits on the other agent.
+    let a = fixture_on(cluster[0].rpc_addr(), true, api.clone()).await;
+    let b = fixture_on(cluster[1].rpc_addr(), false, api.clone()).await;
+    until_in_sync(&secret(json!({"key": b64(&old)})), &a.ctx).await;
+    let s = secret(json!({"key": b64(&new)}));
+    // A records and does the install, then loses the Lease: its next write (the use step) is
+    // refused, so it does not use the key.
+    {
+        let mut seen = api.lock().unwrap();
+        seen.refuse_from = Some(seen.writes.len() + 1);
+    }
+    assert!(keyring::reconcile(s.clone(), a.ctx.clone()).await.is_err());
+    let record: Value = {
+        let seen = api.lock().unwrap();
+        serde_json::from_str(seen.cm.as_ref().unwrap().0["record.json"].as_str().unwrap()).unwrap()
+    };
+    assert_eq!(record["rotation"]["step"]["step"], "install", "{record}");
+    let listed = cluster[0].serf_ok(&["keys", "-list"]).unwrap();
+    assert!(listed.contains(&new) && listed.contains(&old), "{listed}");
+    api.lock().unwrap().refuse_from = None;
+    a._senders.1.send_replace(false);
+    b._senders.1.send_replace(true);
+    assert_eq!(
+        keyring::reconcile(s.clone(), a.ctx.clone()).await.unwrap(),
+        Action::await_change(),
+        "the old leader stands by"
+    );
+    until_in_sync(&s, &b.ctx).await;
+    let listed = cluster[0].serf_ok(&["keys", "-list"]).unwrap();
+    assert!(listed.contains(&new) && !listed.contains(&old), "{listed}");
+    let count = |f: &Fixture| {
+        f.metrics
+            .key_rotations
+            .get_or_create(&ResultLabel {
+                result: "Succeeded".into(),
+            })
+            .get()
+    };
+    assert_eq!((count(&a), count(&b)), (0, 1));
+    let seen = api.lock().unwrap();
+    assert_eq!(
+        seen.events
+            .iter()
+            .filter(|e| *e == "KeyRotationFinished")
+            .count(),
+        1,
+        "{:?}",
+        seen.events
+    );
+    let record: Value =
+        serde_json::from_str(seen.cm.as_ref().unwrap().0["record.json"].as_str().unwrap()).unwrap();
+    assert_eq!(record["rotations"], 1);
+    assert_eq!(record["last"]["result"], "Succeeded");
 }
