@@ -134,7 +134,7 @@ pub struct Router {
 }
 
 /// Compiles an anchored regex, as `serf members -tag` anchors its filters.
-fn anchored(re: &str) -> Result<Regex, String> {
+pub(crate) fn anchored(re: &str) -> Result<Regex, String> {
     regex::RegexBuilder::new(&format!("^(?:{re})$"))
         .size_limit(1 << 20)
         .build()

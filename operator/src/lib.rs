@@ -10,6 +10,7 @@
 //! - the operator's Jobs, indexed by handler and route: [`index`];
 //! - gossip key rotation from a Secret: [`keyring`] (format, pure decision, RPC steps) and
 //!   [`controller::keyring`];
+//! - Serf membership as service discovery (selection, endpoints, slicing at 1,000): [`discovery`];
 //! - leader election: [`leader`];
 //! - the retry policy for Job creation: [`launcher`];
 //! - the state written back (status, ledgers, membership): [`state`], [`status`], [`ledger`];
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod answer;
 pub mod contract;
 pub mod controller;
+pub mod discovery;
 pub mod dispatch;
 pub mod effects;
 pub mod engine;
