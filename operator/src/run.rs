@@ -184,7 +184,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (--metrics-addr, SERF_OPERATOR_METRICS_ADDR): {e}",
+                cfg.metrics_addr
+            )
+        })?;
     tracing::info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz");
     let admin = tokio::spawn(crate::admin::serve(listener, metrics.clone()));
 
