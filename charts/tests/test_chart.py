@@ -177,7 +177,9 @@ def test_full_values():
     assert not any(a.startswith(("-join", "-encrypt")) for a in agent["args"])
     token = {"secretKeyRef": {"name": "serf-rpc", "key": "token"}}
     gossip = {"secretKeyRef": {"name": "serf-keys", "key": "gossip"}}
-    assert env(cs["agent-config"]) == {"SERF_RPC_AUTH": token, "SERF_ENCRYPT_KEY": gossip}
+    others = {"secretKeyRef": {"name": "serf-keys", "key": "keys", "optional": True}}
+    assert env(cs["agent-config"]) == {"SERF_RPC_AUTH": token, "SERF_ENCRYPT_KEY": gossip,
+                                       "SERF_ENCRYPT_KEYS": others}
     # the agent's own `serf` commands (probe, preStop) read the RPC key from the environment
     assert env(agent)["SERF_RPC_AUTH"] == token and "SERF_ENCRYPT_KEY" not in env(agent)
     # Joined: Ready once a member other than the agent itself is alive.
@@ -286,6 +288,8 @@ def test_advertise_address_and_readiness_choice():
     {"serf": {"leaveDelaySeconds": -1}},
     {"serf": {"extraArgs": ["-encrypt=c2VjcmV0c2VjcmV0c2VjcmV0MQ=="]}},
     {"serf": {"extraArgs": ["--encrypt", "x"]}},
+    {"serf": {"encryptKeySecret": {"name": "k", "key": "keys"}}},
+    {"serf": {"encryptKeySecret": {"name": "k", "rotate": "yes"}}},
     {"operator": {"extraEnv": [{"value": "no name"}]}},
     # checks of the template: ports that collide in the pod's network, a grace period too
     # short for the delay and the leave
@@ -598,3 +602,43 @@ def test_alert_rules_and_dashboard_use_real_metrics():
             assert {x.strip() for x in grp.split(",")} <= labels, e
         for lab in re.findall(r"\{([a-z_]+)[!=]", e):
             assert lab in labels, e
+
+
+def test_gossip_keyring_file_and_rotation():
+    """With encryptKeySecret the agent gets a keyring file (primary first, then the Secret's
+    `keys`) on a memory volume it can write, so keyring changes made over RPC survive its
+    restart; the operator rotates the cluster to the Secret, and may read that one Secret by
+    name and nothing more; `rotate: false` leaves rotation off but keeps the keyring file."""
+    docs = render(FULL)
+    cs, pod = containers(docs)
+    assert "--keyring-file=/serf-keyring/keyring.json" in cs["agent-config"]["args"]
+    # a pod started mid-rotation puts the key the cluster still uses first
+    assert "--primary-in-use-file=/serf-keyring-state/primary" in cs["agent-config"]["args"]
+    state_vol = [v for v in pod["volumes"] if v["name"] == "serf-keyring-state"][0]
+    assert state_vol["configMap"] == {"name": "serf-operator-keyring", "optional": True,
+                                      "items": [{"key": "primary", "path": "primary"}]}
+    vol = [v for v in pod["volumes"] if v["name"] == "serf-keyring"][0]
+    assert vol["emptyDir"]["medium"] == "Memory"
+    mounts = {m["name"]: m for m in cs["serf-agent"]["volumeMounts"]}
+    assert mounts["serf-keyring"]["mountPath"] == "/serf-keyring"
+    assert not mounts["serf-keyring"].get("readOnly"), "the agent writes its keyring file"
+    op = env(cs["operator"])
+    assert op["SERF_OPERATOR_KEYRING_SECRET"] == "serf-keys"
+    assert op["SERF_OPERATOR_KEYRING_SECRET_KEY"] == "gossip"
+    state = [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-state")][0]
+    secrets = [r for r in state["rules"] if r["resources"] == ["secrets"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"],
+                        "resourceNames": ["serf-keys"], "verbs": ["get", "list", "watch"]}]
+    assert {"apiGroups": ["events.k8s.io"], "resources": ["events"],
+            "verbs": ["create", "patch"]} in state["rules"]
+
+    off = render({"serf": {"encryptKeySecret": {"name": "serf-keys", "rotate": False}}})
+    cs, _ = containers(off)
+    assert "--keyring-file=/serf-keyring/keyring.json" in cs["agent-config"]["args"]
+    assert "SERF_OPERATOR_KEYRING_SECRET" not in env(cs["operator"])
+    state = [d for d in by_kind(off, "Role") if d["metadata"]["name"].endswith("-state")][0]
+    assert not [r for r in state["rules"] if r["resources"] == ["secrets"]]
+
+    cs, pod = containers(render({}))
+    assert not any(a.startswith("--keyring-file") for a in cs["agent-config"]["args"])
+    assert "serf-keyring" not in {v["name"] for v in pod["volumes"]}

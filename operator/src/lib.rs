@@ -8,6 +8,8 @@
 //!   Kubernetes effects in [`effects`] and local mode's printer in [`local`];
 //! - how a trigger fires: [`trigger`] (decision and send) and [`controller::trigger`];
 //! - the operator's Jobs, indexed by handler and route: [`index`];
+//! - gossip key rotation from a Secret: [`keyring`] (format, pure decision, RPC steps) and
+//!   [`controller::keyring`];
 //! - leader election: [`leader`];
 //! - the retry policy for Job creation: [`launcher`];
 //! - the state written back (status, ledgers, membership): [`state`], [`status`], [`ledger`];
@@ -23,6 +25,7 @@ pub mod engine;
 pub mod error;
 pub mod index;
 pub mod jobs;
+pub mod keyring;
 pub mod launcher;
 pub mod leader;
 pub mod ledger;

@@ -143,6 +143,17 @@ enum Command {
         /// Seconds one API call may take before it counts as failed (and is retried).
         #[arg(long, env = "SERF_OPERATOR_API_TIMEOUT", default_value_t = 10)]
         api_timeout: u64,
+        /// Rotate the Serf cluster's gossip keys to the keyring in this Secret (in the state
+        /// namespace): the primary key under --keyring-secret-key, more keys to keep
+        /// installed under `keys`. Empty: off.
+        #[arg(long, env = "SERF_OPERATOR_KEYRING_SECRET", default_value = "")]
+        keyring_secret: String,
+        /// The keyring Secret's entry holding the primary key.
+        #[arg(long, env = "SERF_OPERATOR_KEYRING_SECRET_KEY", default_value = "key")]
+        keyring_secret_key: String,
+        /// Seconds between checks of the cluster's keys while they match the Secret.
+        #[arg(long, env = "SERF_OPERATOR_KEYRING_RECHECK", default_value_t = 60)]
+        keyring_recheck: u64,
     },
     /// Write the Serf agent's config file (mode 0600, replaced atomically): the secrets, which
     /// would be readable by anyone on the host on the agent's command line, and what the
@@ -164,6 +175,22 @@ enum Command {
         /// member-leave, not member-failed).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         leave_on_terminate: bool,
+        /// More gossip keys to keep installed (the keyring Secret's `keys`: base64 keys
+        /// separated by whitespace or commas); only with --keyring-file. Never logged.
+        #[arg(long, env = "SERF_ENCRYPT_KEYS", hide_env_values = true)]
+        encrypt_keys: Option<String>,
+        /// Give the agent a keyring file here instead of `encrypt_key`: the primary key
+        /// first, then the other keys, then any key the file already held (the agent writes
+        /// every keyring change made over RPC into it, so a rotation survives its restart).
+        /// Written with mode 0600, on a volume the agent can write.
+        #[arg(long)]
+        keyring_file: Option<PathBuf>,
+        /// A file holding the fingerprint of the primary key the cluster uses now (the key
+        /// rotation record's `primary`, mounted from its ConfigMap); when it is one of the
+        /// Secret's keys, the keyring file starts with it, so that a pod started in the middle
+        /// of a rotation joins with the key the others still use. Absent: ignored.
+        #[arg(long)]
+        primary_in_use_file: Option<PathBuf>,
     },
     /// Follow a live Serf agent: route every event through SerfHandler manifests, print the
     /// results as YAML, and answer queries for `respond` routes.
@@ -214,6 +241,9 @@ fn main() -> anyhow::Result<()> {
             lease_duration,
             launch_deadline,
             api_timeout,
+            keyring_secret,
+            keyring_secret_key,
+            keyring_recheck,
         } => {
             if log_format != "text" && log_format != "json" {
                 anyhow::bail!("--log-format must be text or json, not {log_format:?}");
@@ -251,6 +281,12 @@ fn main() -> anyhow::Result<()> {
                     },
                     duration_secs: lease_duration,
                 }),
+                keyring: (!keyring_secret.is_empty()).then(|| serf_operator::run::KeyringConfig {
+                    secret: keyring_secret,
+                    primary_entry: keyring_secret_key,
+                    configmap: serf_operator::keyring::STATE_CONFIGMAP.to_string(),
+                    recheck: std::time::Duration::from_secs(keyring_recheck.max(1)),
+                }),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -269,8 +305,37 @@ fn main() -> anyhow::Result<()> {
             rpc_auth,
             encrypt_key,
             leave_on_terminate,
+            encrypt_keys,
+            keyring_file,
+            primary_in_use_file,
         } => {
-            let cfg = agent_config(rpc_auth, encrypt_key, leave_on_terminate)?;
+            let mut cfg = agent_config(rpc_auth, encrypt_key, leave_on_terminate)?;
+            if let (Some(path), Some(obj)) = (keyring_file, cfg.as_object_mut())
+                && let Some(primary) = obj.remove("encrypt_key")
+            {
+                let existing = match std::fs::read_to_string(&path) {
+                    Ok(t) => Some(t),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("reading {}", path.display()));
+                    }
+                };
+                let in_use = primary_in_use_file
+                    .and_then(|f| std::fs::read_to_string(f).ok())
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty());
+                let text = keyring_file_contents(
+                    primary.as_str().unwrap_or_default(),
+                    encrypt_keys.as_deref(),
+                    existing.as_deref(),
+                    in_use.as_deref(),
+                )?;
+                write_private(&path, text.as_bytes())?;
+                obj.insert(
+                    "keyring_file".into(),
+                    path.to_string_lossy().into_owned().into(),
+                );
+            }
             write_private(&out, &serde_json::to_vec(&cfg)?)
         }
         Command::Route {
@@ -395,6 +460,49 @@ fn agent_config(
     Ok(serde_json::Value::Object(cfg))
 }
 
+/// The agent's keyring file: the primary, the other keys, then keys the file already held
+/// that are neither (the agent may have been given them over RPC; the rotation removes them
+/// once the Secret no longer has them). When `in_use` (a fingerprint: the primary the
+/// cluster uses now) names one of these keys, that key goes first. Errors never hold a key.
+fn keyring_file_contents(
+    primary: &str,
+    others: Option<&str>,
+    existing: Option<&str>,
+    in_use: Option<&str>,
+) -> anyhow::Result<String> {
+    use serf_operator::keyring::{Key, Keyring};
+    let mut data = std::collections::BTreeMap::new();
+    data.insert("key".to_string(), primary.as_bytes().to_vec());
+    if let Some(o) = others {
+        data.insert("keys".to_string(), o.as_bytes().to_vec());
+    }
+    let ring = Keyring::from_secret_data(&data).map_err(|e| {
+        anyhow::anyhow!("the gossip keyring (SERF_ENCRYPT_KEY, SERF_ENCRYPT_KEYS): {e}")
+    })?;
+    let mut keys: Vec<String> = ring.all().map(|k| k.expose().to_string()).collect();
+    if let Some(text) = existing {
+        match serde_json::from_str::<Vec<String>>(text) {
+            Ok(held) => {
+                for k in held.iter().filter_map(|k| Key::parse(k).ok()) {
+                    if !ring.contains(k.expose()) {
+                        keys.push(k.expose().to_string());
+                    }
+                }
+            }
+            Err(_) => eprintln!("the existing keyring file is not a JSON list of keys; rewritten"),
+        }
+    }
+    if let Some(fp) = in_use
+        && let Some(i) = keys
+            .iter()
+            .position(|k| serf_operator::keyring::fingerprint_of(k) == fp)
+    {
+        let k = keys.remove(i);
+        keys.insert(0, k);
+    }
+    Ok(serde_json::to_string(&keys)?)
+}
+
 /// Writes `bytes` to `out` readable by its owner only: into a temporary file of the same
 /// directory, created with mode 0600 (never wider, not even for a moment), then renamed over
 /// `out`. A reader sees the old file or the new one, never a part.
@@ -489,6 +597,39 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["agent.json"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn the_keyring_file_has_the_primary_first_and_keeps_keys_the_agent_held() {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD.encode([2u8; 32]);
+        let c = base64::engine::general_purpose::STANDARD.encode([3u8; 32]);
+        let text = keyring_file_contents(KEY, Some(&format!("{b}\n")), None, None).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Vec<String>>(&text).unwrap(),
+            [KEY, &b]
+        );
+        // After a restart: the file the agent kept (a rotation made `c` the primary there).
+        let kept = serde_json::to_string(&[&c, KEY]).unwrap();
+        let text = keyring_file_contents(KEY, None, Some(&kept), None).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Vec<String>>(&text).unwrap(),
+            [KEY, &c]
+        );
+        // In mid-rotation the cluster still uses the old key (kept in `keys`): it goes first.
+        let fp = serf_operator::keyring::fingerprint_of(&b);
+        let text = keyring_file_contents(KEY, Some(&b), None, Some(&fp)).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Vec<String>>(&text).unwrap(),
+            [&b, KEY]
+        );
+        let text = keyring_file_contents(KEY, Some(&b), None, Some("000000000000")).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Vec<String>>(&text).unwrap(),
+            [KEY, &b]
+        );
+        let e = keyring_file_contents(KEY, Some("nope!"), None, None).unwrap_err();
+        assert!(format!("{e:#}").contains("SERF_ENCRYPT_KEYS"), "{e:#}");
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub struct Metrics {
     /// Job outcomes reported into Serf, by result (Sent, Interrupted, TooLarge,
     /// SendFailed).
     pub reports: Family<ResultLabel, Counter>,
+    /// Gossip key rotations that ended, by result (Succeeded, Superseded).
+    pub key_rotations: Family<ResultLabel, Counter>,
+    /// Key rotation steps that failed (agent unreachable, record not written).
+    pub key_rotation_errors: Counter,
     /// 1 while this replica holds the lease (or runs alone).
     pub leader: Gauge,
     /// Leadership changes of this replica.
@@ -100,6 +104,8 @@ impl Metrics {
             serf_reconnects: Counter::default(),
             triggers_fired: Family::default(),
             reports: Family::default(),
+            key_rotations: Family::default(),
+            key_rotation_errors: Counter::default(),
             leader: Gauge::default(),
             lease_transitions: Counter::default(),
             handlers_compiled: Counter::default(),
@@ -168,6 +174,16 @@ impl Metrics {
             "reports",
             "Job outcomes reported into Serf, by result",
             m.reports.clone(),
+        );
+        registry.register(
+            "key_rotations",
+            "Gossip key rotations that ended, by result (Succeeded, Superseded)",
+            m.key_rotations.clone(),
+        );
+        registry.register(
+            "key_rotation_errors",
+            "Key rotation steps that failed and are tried again (agent unreachable, record not written)",
+            m.key_rotation_errors.clone(),
         );
         registry.register(
             "leader",

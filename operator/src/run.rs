@@ -70,6 +70,21 @@ pub struct RunConfig {
     pub call_timeout: Duration,
     /// Several replicas: elect the one that does the once-only work with a Lease.
     pub leader_election: Option<LeaderElection>,
+    /// Gossip key rotation from a Secret (in the state namespace), if on.
+    pub keyring: Option<KeyringConfig>,
+}
+
+/// Gossip key rotation settings.
+#[derive(Debug, Clone)]
+pub struct KeyringConfig {
+    /// The Secret holding the keyring (in the state namespace).
+    pub secret: String,
+    /// Its entry holding the primary key.
+    pub primary_entry: String,
+    /// The ConfigMap (in the state namespace) holding the rotation's record and status.
+    pub configmap: String,
+    /// How often the cluster's keys are checked again while in sync.
+    pub recheck: Duration,
 }
 
 /// Active (unfinished) Jobs, read from the Job index.
@@ -343,7 +358,7 @@ pub async fn run(
         ledger: ledger.clone(),
         call_timeout: cfg.call_timeout,
         recheck: cfg.flush_interval * 3,
-        serf: serf_rx,
+        serf: serf_rx.clone(),
         sinks: sinks.clone(),
         reported: Default::default(),
         validated: Default::default(),
@@ -436,6 +451,34 @@ pub async fn run(
             Default::default()
         }
     };
+
+    // Gossip key rotation from the keyring Secret (the leader acts).
+    if let Some(k) = &cfg.keyring {
+        let ctx = controller::keyring::KeyringContext::new(
+            client.clone(),
+            serf_rx.clone(),
+            verdict.clone(),
+            metrics.clone(),
+            crate::keyring::rotate::ConfigMapStore::new(
+                client.clone(),
+                cfg.state_namespace.clone(),
+                k.configmap.clone(),
+                cfg.call_timeout,
+            ),
+            k.primary_entry.clone(),
+            k.recheck,
+            &cfg.pod_name,
+        );
+        let mut stop = stop_rx.clone();
+        let (ns, name) = (cfg.state_namespace.clone(), k.secret.clone());
+        tasks.spawn(async move {
+            controller::keyring::run(&ns, &name, ctx, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        });
+        tracing::info!(secret = %k.secret, record = %k.configmap, "gossip key rotation on");
+    }
 
     // The Serf link: the stream is drained at once into the bounded queue.
     let sub = Subscription::start(SubscriptionConfig::new(cfg.serf.clone(), "*"))?;

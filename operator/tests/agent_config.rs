@@ -101,3 +101,61 @@ fn a_bad_gossip_key_is_refused_without_being_shown() {
         assert!(!out.exists(), "a file was written for a bad key");
     }
 }
+
+#[test]
+fn with_a_keyring_file_the_agent_keeps_rpc_keyring_changes_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("agent.json");
+    let ring = dir.path().join("keyring").join("keyring.json");
+    let (old, other, new) = (
+        serf_testkit::keygen().unwrap(),
+        serf_testkit::keygen().unwrap(),
+        serf_testkit::keygen().unwrap(),
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_serf-operator"));
+    cmd.args(["agent-config", "--out"])
+        .arg(&out)
+        .arg("--keyring-file")
+        .arg(&ring)
+        .env_remove("SERF_RPC_AUTH")
+        .env("SERF_ENCRYPT_KEY", &old)
+        .env("SERF_ENCRYPT_KEYS", &other);
+    let done = cmd.output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(
+        cfg,
+        serde_json::json!({"keyring_file": ring.to_str().unwrap(), "leave_on_terminate": true}),
+        "no encrypt_key: Serf refuses it next to a keyring file"
+    );
+    assert_eq!(
+        std::fs::metadata(&ring).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let read =
+        || -> Vec<String> { serde_json::from_slice(&std::fs::read(&ring).unwrap()).unwrap() };
+    assert_eq!(read(), [old.clone(), other.clone()]);
+
+    let mut agent = Agent::start(
+        AgentConfig::new("ac-ring").arg(format!("-config-file={}", out.display())),
+        &[],
+    )
+    .unwrap();
+    assert!(agent.log().contains("Encrypted: true"), "{}", agent.log());
+    for args in [
+        ["keys", "-install", &new],
+        ["keys", "-use", &new],
+        ["keys", "-remove", &old],
+    ] {
+        agent.serf_ok(&args).unwrap();
+    }
+    let mut now = read();
+    now.sort();
+    let mut want = vec![new.clone(), other.clone()];
+    want.sort();
+    assert_eq!(now, want, "the agent wrote its keyring file");
+    assert_eq!(read()[0], new, "the primary first");
+    agent.restart(&[]).unwrap();
+    let listed = agent.serf_ok(&["keys", "-list"]).unwrap();
+    assert!(listed.contains(&new) && !listed.contains(&old), "{listed}");
+}

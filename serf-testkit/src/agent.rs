@@ -40,6 +40,8 @@ pub const LOG_FILE: &str = "agent.log";
 
 /// Name of the JSON config file in the agent directory (only written when needed).
 pub const CONFIG_FILE: &str = "agent.json";
+/// Name of the keyring file (`-keyring-file`) in the agent's directory, when the config has a keyring.
+pub const KEYRING_FILE: &str = "keyring.json";
 
 /// Environment variable: when set (to anything but `0` or empty), agent
 /// directories are kept after the [`Agent`] is dropped.
@@ -223,6 +225,16 @@ impl Agent {
             last_exit: Mutex::new(None),
             starts: 0,
         };
+        if let Some(keys) = agent.cfg.initial_keyring() {
+            let path = agent.keyring_file_path();
+            let json = serde_json::Value::from(keys.to_vec()).to_string();
+            fs::write(&path, json).map_err(|e| {
+                agent.err(
+                    e.kind(),
+                    format!("cannot write keyring file {}: {e}", path.display()),
+                )
+            })?;
+        }
         if let Some(json) = agent.cfg.config_file_json() {
             let path = agent.config_file_path();
             fs::write(&path, json).map_err(|e| {
@@ -303,6 +315,28 @@ impl Agent {
 
     fn config_file_path(&self) -> PathBuf {
         self.dir.path().join(CONFIG_FILE)
+    }
+
+    /// Path of the keyring file (`-keyring-file`), used when the config has a keyring.
+    pub fn keyring_file_path(&self) -> PathBuf {
+        self.dir.path().join(KEYRING_FILE)
+    }
+
+    /// The keys in the agent's keyring file, the primary first, as the agent last wrote
+    /// them (it writes every change made over RPC).
+    ///
+    /// # Errors
+    /// The file cannot be read or is not a JSON array of strings.
+    pub fn keyring(&self) -> io::Result<Vec<String>> {
+        let path = self.keyring_file_path();
+        let text = fs::read_to_string(&path)
+            .map_err(|e| self.err(e.kind(), format!("cannot read {}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| {
+            self.err(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a JSON list of keys: {e}", path.display()),
+            )
+        })
     }
 
     /// The process id, or `None` once the agent has been killed or has exited
@@ -542,9 +576,14 @@ impl Agent {
         };
         self.starts += 1;
         let config_file = self.cfg.config_file_json().map(|_| self.config_file_path());
-        let args = self
-            .cfg
-            .agent_args(self.bind_addr, self.rpc_addr, config_file.as_deref(), join);
+        let keyring_file = self.cfg.initial_keyring().map(|_| self.keyring_file_path());
+        let args = self.cfg.agent_args(
+            self.bind_addr,
+            self.rpc_addr,
+            config_file.as_deref(),
+            keyring_file.as_deref(),
+            join,
+        );
         let binary = self.cfg.binary_path();
 
         let mut log = self.open_log().map_err(|e| {

@@ -26,6 +26,7 @@ pub struct AgentConfig {
     name: String,
     tags: BTreeMap<String, String>,
     encrypt: Option<String>,
+    keyring: Option<Vec<String>>,
     event_handlers: Vec<String>,
     args: Vec<String>,
     replay: bool,
@@ -43,6 +44,7 @@ impl AgentConfig {
             name: name.into(),
             tags: BTreeMap::new(),
             encrypt: None,
+            keyring: None,
             event_handlers: Vec::new(),
             args: Vec::new(),
             replay: false,
@@ -60,6 +62,20 @@ impl AgentConfig {
     /// Enables gossip encryption with a base64 32-byte key (`-encrypt=KEY`), see [`crate::keygen`].
     pub fn encrypt(mut self, key_base64: impl Into<String>) -> Self {
         self.encrypt = Some(key_base64.into());
+        self
+    }
+
+    /// Starts the agent with a keyring file (`-keyring-file`): a JSON array of base64 keys,
+    /// the first one the primary. The file is written into the agent's directory at the
+    /// first start only; the agent writes every keyring change made over RPC into it, so a
+    /// restarted agent comes back with the keyring it had (see [`crate::Agent::keyring`]).
+    /// Serf refuses `-encrypt` together with a keyring file.
+    pub fn keyring<I, S>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.keyring = Some(keys.into_iter().map(Into::into).collect());
         self
     }
 
@@ -122,6 +138,11 @@ impl AgentConfig {
         &self.tags
     }
 
+    /// The keyring the agent's keyring file starts with, if any.
+    pub fn initial_keyring(&self) -> Option<&[String]> {
+        self.keyring.as_deref()
+    }
+
     /// The gossip encryption key, if any.
     pub fn encrypt_key(&self) -> Option<&str> {
         self.encrypt.as_deref()
@@ -172,6 +193,7 @@ impl AgentConfig {
         bind: std::net::SocketAddr,
         rpc: std::net::SocketAddr,
         config_file: Option<&Path>,
+        keyring_file: Option<&Path>,
         join: &[std::net::SocketAddr],
     ) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
@@ -191,6 +213,11 @@ impl AgentConfig {
         }
         if let Some(path) = config_file {
             let mut a = OsString::from("-config-file=");
+            a.push(path);
+            args.push(a);
+        }
+        if let Some(path) = keyring_file {
+            let mut a = OsString::from("-keyring-file=");
             a.push(path);
             args.push(a);
         }
@@ -225,7 +252,7 @@ mod tests {
         let bind = "127.0.0.1:20001".parse().unwrap();
         let rpc = "127.0.0.1:20002".parse().unwrap();
         let join = ["127.0.0.1:20003".parse().unwrap()];
-        let args = cfg.agent_args(bind, rpc, Some(Path::new("/d/agent.json")), &join);
+        let args = cfg.agent_args(bind, rpc, Some(Path::new("/d/agent.json")), None, &join);
         let args: Vec<String> = args.into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(
             args,
@@ -251,7 +278,7 @@ mod tests {
         assert_eq!(cfg.rpc_auth_key(), Some("tok"));
         assert_eq!(cfg.config_file_json().unwrap(), r#"{"rpc_auth":"tok"}"#);
         // -replay only with a join
-        let args = cfg.agent_args(bind, rpc, None, &[]);
+        let args = cfg.agent_args(bind, rpc, None, None, &[]);
         assert!(!args.iter().any(|a| a == "-replay"));
         assert_eq!(AgentConfig::new("x").config_file_json(), None);
     }

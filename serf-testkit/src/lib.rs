@@ -38,7 +38,8 @@ mod config;
 mod port;
 
 pub use agent::{
-    Agent, CONFIG_FILE, KEEP_DIRS_ENV, LOG_FILE, MemberInfo, START_TIMEOUT, parse_members_json,
+    Agent, CONFIG_FILE, KEEP_DIRS_ENV, KEYRING_FILE, LOG_FILE, MemberInfo, START_TIMEOUT,
+    parse_members_json,
 };
 pub use cli::{DEFAULT_CLI_TIMEOUT, keygen, serf_binary, serf_output};
 pub use cluster::{CONVERGE_TIMEOUT, Cluster};

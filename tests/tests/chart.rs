@@ -11,7 +11,8 @@
 //! rollout show the outside agent member-leave and member-join, never member-failed; a pod
 //! whose join address does not answer starts anyway (no crash loop), is not Ready, and is
 //! Ready once the address answers; with exactly the chart's RBAC, a user event becomes a Job
-//! and the handler's launch ledger records it.
+//! and the handler's launch ledger records it. A second test rotates the gossip keys of a
+//! Serf cluster of four from the Secret (see its doc).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -665,4 +666,281 @@ fn agent_process(pod: &str) -> Option<(u32, String)> {
                 && args.contains(&node))
             .then(|| (pid, args.join(" ")))
         })
+}
+
+/// Gossip key rotation on the real node with the chart: an encrypted Serf cluster of four
+/// (three agents outside Kubernetes with keyring files, and the chart's pod), the Secret's
+/// key replaced, one outside agent killed as the rotation begins; the rotation finishes
+/// without it, reports it, and counts once; every alive agent's keyring file (the pod's
+/// too) holds the new key only; the pod's agent container killed comes back with the
+/// rotated keyring (its keyring file) and rejoins; a new pod starts from the Secret and
+/// rotates nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_rotates_the_gossip_keys_of_the_whole_cluster() {
+    const KEYS_SUITE: &str = "the chart's key rotation";
+    let Some(client) = cluster_or_skip(KEYS_SUITE).await else {
+        return;
+    };
+    let Some(image) = local_node_with_image_or_skip(&client).await else {
+        return;
+    };
+    let Some(python) = helm_python_or_skip().await else {
+        return;
+    };
+    install_crds(&client).await.unwrap();
+    let ns = TempNamespace::create(&client, "keys").await.unwrap();
+    let ns = ns.name.clone();
+    wait_for_default_service_account(&client, &ns)
+        .await
+        .unwrap();
+    let work = std::env::temp_dir().join(format!("serf-e2e-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let chart = work.join("serf-operator");
+    copy_chart_without_crds(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/serf-operator"),
+        &chart,
+    );
+
+    let (old, new) = (
+        serf_testkit::keygen().unwrap(),
+        serf_testkit::keygen().unwrap(),
+    );
+    let token = format!("rpc-{}-{}", std::process::id(), unix_millis());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    for (name, value) in [("serf-keys", &old), ("serf-rpc", &token)] {
+        let s: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name}, "stringData": {"key": value},
+        }))
+        .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let (o, t) = (old.clone(), token.clone());
+    let mut outside = tokio::task::spawn_blocking(move || {
+        serf_testkit::Cluster::start(
+            (1..=3)
+                .map(|i| {
+                    AgentConfig::new(format!("e2e-keys-out-{i}"))
+                        .keyring([o.clone()])
+                        .rpc_auth(t.clone())
+                })
+                .collect(),
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+
+    let free = || serf_testkit::free_port().unwrap();
+    let (bind_port, rpc_port, metrics_port) = (free(), free(), free());
+    let (repository, tag) = image.rsplit_once(':').unwrap();
+    let values = serde_json::json!({
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"},
+        "watchNamespaces": [ns],
+        "hostNetwork": true,
+        "tolerations": [{"operator": "Exists"}],
+        "serf": {
+            "join": [outside[0].bind_addr().to_string()],
+            "retryInterval": "1s",
+            "bindAddr": "127.0.0.1",
+            "bindPort": bind_port,
+            "advertiseAddr": "127.0.0.1",
+            "rpcPort": rpc_port,
+            "encryptKeySecret": {"name": "serf-keys"},
+            "rpcAuthSecret": {"name": "serf-rpc"},
+        },
+        "operator": {"logFormat": "text", "extraEnv": api_server_env().await},
+        "metrics": {"port": metrics_port},
+    });
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let mut figures = Vec::new();
+    helm(&python, &chart, "install", &ns, &values).await;
+    let pod = ready_pod(&pods, None, Duration::from_secs(90)).await;
+    let status = |want: &'static str| {
+        let configmaps = configmaps.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let data = configmaps
+                    .get_opt("serf-operator-keyring")
+                    .await
+                    .unwrap()
+                    .and_then(|c| c.data)
+                    .unwrap_or_default();
+                if data.get("step").map(String::as_str) == Some("InSync")
+                    && data
+                        .get("lastRotation")
+                        .map(String::as_str)
+                        .unwrap_or("")
+                        .contains(want)
+                {
+                    return data;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the rotation record never showed InSync with {want:?}: {data:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    // The cluster already holds the Secret's one key: in sync, no rotation.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let data = configmaps
+            .get_opt("serf-operator-keyring")
+            .await
+            .unwrap()
+            .and_then(|c| c.data)
+            .unwrap_or_default();
+        if data.get("step").map(String::as_str) == Some("InSync") {
+            assert!(!data.contains_key("lastRotation"), "{data:?}");
+            assert!(data["keys"].ends_with("4/4"), "{data:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never in sync: {data:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The Secret gets a new primary; an outside member dies as the rotation begins.
+    let t = Instant::now();
+    secrets
+        .patch(
+            "serf-keys",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"stringData": {"key": new}})),
+        )
+        .await
+        .unwrap();
+    let dead = outside[2].name().to_string();
+    outside[2].kill().unwrap();
+    let new_fp = serf_operator::keyring::fingerprint_of(&new);
+    let data = status(" Succeeded ").await;
+    figures.push(format!(
+        "Secret changed → rotation finished with a member killed: {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    let last = &data["lastRotation"];
+    assert!(last.contains(&new_fp) && last.contains(&dead), "{last}");
+    assert_eq!(data["primary"], new_fp);
+    assert_eq!(data["keys"], format!("{new_fp} 3/3"), "{data:?}");
+    figures.push(format!("lastRotation: {last}"));
+
+    // Events on the Secret, and the metric.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("serf-keys"))
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in [
+        "KeyRotationStarted",
+        "KeyInstalled",
+        "PrimaryKeyChanged",
+        "KeyRemoved",
+        "KeyRotationFinished",
+        "KeyRotationMembersUnreachable",
+    ] {
+        assert!(reasons.iter().any(|r| r == want), "{want}: {reasons:?}");
+    }
+    let metrics = http_get(&format!("127.0.0.1:{metrics_port}"), "/metrics").await;
+    assert!(
+        metrics.contains("serf_operator_key_rotations_total{result=\"Succeeded\"} 1"),
+        "{metrics}"
+    );
+
+    // Every alive agent's keyring file holds the new key only; the pod's agent too.
+    for a in outside.iter().take(2) {
+        assert_eq!(
+            a.keyring().unwrap(),
+            std::slice::from_ref(&new),
+            "{}",
+            a.name()
+        );
+    }
+    let (pid, _) = agent_process(&pod).expect("the pod's serf agent runs on this machine");
+    let ring = PathBuf::from(format!("/proc/{pid}/root/serf-keyring/keyring.json"));
+    match std::fs::read_to_string(&ring) {
+        Ok(text) => {
+            let keys: Vec<String> = serde_json::from_str(&text).unwrap();
+            assert_eq!(keys, std::slice::from_ref(&new), "the pod's keyring file");
+            figures.push("the pod's keyring file: the new key only".into());
+        }
+        Err(e) => panic!("{}: {e}", ring.display()),
+    }
+
+    // The pod's agent container dies: it comes back with its keyring file (the rotated
+    // keyring, not the key the pod started with) and rejoins.
+    let t = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let p = pods.get(&pod).await.unwrap();
+        let alive = outside[0]
+            .members()
+            .unwrap()
+            .into_iter()
+            .any(|m| m.name == pod && m.status == "alive");
+        if restarts(&p) >= 1
+            && is_ready(&p)
+            && alive
+            && agent_process(&pod).is_some_and(|(p2, _)| p2 != pid)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod's agent did not come back and rejoin: {}",
+            outside[0].serf_ok(&["members"]).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    figures.push(format!(
+        "the pod's agent killed → restarted and rejoined with the rotated keyring: {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+
+    // A new pod (operator restart): starts from the Secret, joins, rotates nothing again.
+    pods.delete(&pod, &DeleteParams::default()).await.unwrap();
+    let next = ready_pod(&pods, Some(&pod), Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let data = status(" Succeeded ").await;
+    let record: serde_json::Value = serde_json::from_str(&data["record.json"]).unwrap();
+    assert_eq!(record["rotations"], 1, "{record}");
+    assert_eq!(data["keys"], format!("{new_fp} 3/3"), "{data:?}");
+    let listed = outside[0].serf_ok(&["keys", "-list"]).unwrap();
+    assert!(listed.contains(&new) && !listed.contains(&old), "{listed}");
+    figures.push(format!(
+        "new pod {next}: joined with the Secret's key, no second rotation"
+    ));
+
+    helm(&python, &chart, "uninstall", &ns, &values).await;
+    eprintln!("\n{KEYS_SUITE}:\n  {}\n", figures.join("\n  "));
+    drop(outside);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A plain HTTP GET; the answer.
+async fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let (addr, path) = (addr.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap()
 }
