@@ -230,17 +230,24 @@ impl OperatorProcess {
 
     /// Sends SIGTERM and waits for the exit (at most 20 s); returns whether it exited 0.
     pub fn terminate(&mut self) -> bool {
+        self.terminate_timed().is_some()
+    }
+
+    /// Sends SIGTERM and waits for the exit (at most 20 s); returns the time from the signal
+    /// to the exit when it exited 0.
+    pub fn terminate_timed(&mut self) -> Option<Duration> {
         let pid = self.child.id().to_string();
+        let start = Instant::now();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = start + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
+                return status.success().then(|| start.elapsed());
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(10));
         }
         let _ = self.child.kill();
-        false
+        None
     }
 }
 
