@@ -53,7 +53,7 @@ fn route_prints_jobs_answers_and_reasons_as_yaml() {
     assert_eq!(docs[0]["event"], "user:deploy@1");
     assert_eq!(docs[0]["results"][0]["action"], "createJob");
     let job: k8s_openapi::api::batch::v1::Job = serde_yaml::from_value(docs[1].clone()).unwrap();
-    assert_eq!(job.metadata.namespace.as_deref(), Some("apps"));
+    assert_eq!(job.metadata.namespace.as_deref(), Some("serf-examples"));
     assert_eq!(
         serf_operator::jobs::stdin_bytes(&job, None),
         b"v1.2.3\n",

@@ -56,6 +56,31 @@ impl TempNamespace {
     }
 }
 
+impl TempNamespace {
+    /// Takes charge of the namespace `name`, made by someone else (e.g. `kubectl apply`):
+    /// deleted on drop like one this crate created. A namespace of that name left by an
+    /// earlier run is deleted first (waiting at most 120 s until it is gone).
+    ///
+    /// # Errors
+    /// The API error, or the old namespace still there after 120 s.
+    pub async fn adopt(client: &Client, name: &str) -> anyhow::Result<TempNamespace> {
+        let api: Api<Namespace> = Api::all(client.clone());
+        if api.get_opt(name).await?.is_some() {
+            eprintln!("namespace {name} exists (an earlier run?): deleting it first");
+            let _ = api.delete(name, &DeleteParams::background()).await;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while api.get_opt(name).await?.is_some() {
+                anyhow::ensure!(Instant::now() < deadline, "namespace {name} is not gone");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Ok(TempNamespace {
+            name: name.to_string(),
+            client: client.clone(),
+        })
+    }
+}
+
 impl Drop for TempNamespace {
     fn drop(&mut self) {
         if std::env::var_os("SERF_E2E_KEEP").is_some() {
