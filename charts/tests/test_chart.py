@@ -642,3 +642,37 @@ def test_gossip_keyring_file_and_rotation():
     cs, pod = containers(render({}))
     assert not any(a.startswith("--keyring-file") for a in cs["agent-config"]["args"])
     assert "serf-keyring" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_unknown_values_are_refused():
+    """A misspelt or unknown key (`--set replicaCount=3`, a nested typo) fails the install
+    with Helm's schema message naming it, instead of being ignored."""
+    for values, key in [({"replicaCount": 3}, "replicaCount"),
+                        ({"serf": {"joins": ["10.0.0.1"]}}, "joins"),
+                        ({"metrics": {"serviceMonitor": {"enable": True}}}, "enable"),
+                        ({"resources": {"operator": {"limit": {"cpu": "1"}}}}, "limit"),
+                        ({"image": {"tags": "1.0"}}, "tags")]:
+        with pytest.raises(helm_python.HelmError, match=f"{key}.*not allowed|not allowed.*{key}"):
+            render(values)
+    # Free-form maps stay open.
+    render({"podLabels": {"any-key": "v"}, "nodeSelector": {"kubernetes.io/os": "linux"},
+            "serf": {"tags": {"dc": "eu"}}, "affinity": {"nodeAffinity": {}},
+            "resources": {"operator": {"limits": {"cpu": "1", "ephemeral-storage": "1Gi"}}}})
+
+
+def test_every_value_is_in_the_schema():
+    """values.yaml and the schema name the same keys, at every level the schema closes."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(v, s, path):
+        props = s.get("properties", {})
+        for k, sub in v.items():
+            assert k in props, f"{path}{k} is in values.yaml, not in the schema"
+            if isinstance(sub, dict) and "properties" in props[k]:
+                walk(sub, props[k], f"{path}{k}.")
+        if s.get("additionalProperties") is False:
+            for k in props:
+                assert k in v, f"{path}{k} is in the schema, not in values.yaml (no default)"
+
+    walk(values, schema, "")
