@@ -154,9 +154,38 @@ def test_rbac_is_least_privilege():
     assert verbs[("events.k8s.io", "events")] == {"create", "patch"}
     state = [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-state")][0]
     assert {"coordination.k8s.io"} <= {g for r in state["rules"] for g in r["apiGroups"]}
-    # the membership record; the Job creates handed over at shutdown, deleted once taken back
-    own = [r for r in state["rules"] if r["resources"] == ["configmaps"]][0]
-    assert set(own["verbs"]) == {"get", "create", "patch", "delete"}
+    # the membership record; the Job creates handed over at shutdown, deleted once taken back;
+    # the key rotation's record: by name, the release's (create cannot be limited by name)
+    own = [r for r in state["rules"] if r["resources"] == ["configmaps"]]
+    assert own == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch", "delete"],
+         "resourceNames": ["serf-operator-membership", "serf-operator-pending-launches",
+                           "serf-operator-keyring"]}]
+    lease = [r for r in state["rules"] if r["resources"] == ["leases"]]
+    assert lease[1]["resourceNames"] == ["serf-operator"]
+
+
+def test_state_objects_are_named_per_release():
+    """Two releases in one namespace: each operator gets its own state prefix (the release's
+    name, or operator.statePrefix), and its Role names exactly its own state objects."""
+    chart = helm_python.Chart.load(str(CHART))
+    for release, values, prefix in [("blue", {}, "blue"), ("green", {}, "green"),
+                                    ("old", {"operator": {"statePrefix": "serf-operator"}},
+                                     "serf-operator")]:
+        values = {**values, "serf": {"encryptKeySecret": {"name": "k"}}}
+        out = chart.render(values, name=release, namespace="serf-system", is_install=True)
+        docs = [d for t in out.values() for d in yaml.safe_load_all(t) if d]
+        cs, pod = containers(docs)
+        assert env(cs["operator"])["SERF_OPERATOR_STATE_PREFIX"] == prefix
+        state = [d for d in by_kind(docs, "Role") if d["metadata"]["name"] == f"{release}-state"][0]
+        names = {n for r in state["rules"] for n in r.get("resourceNames", [])}
+        assert {f"{prefix}-membership", f"{prefix}-pending-launches", f"{prefix}-keyring",
+                prefix} <= names, names
+        vol = [v for v in pod["volumes"] if v["name"] == "serf-keyring-state"][0]
+        assert vol["configMap"]["name"] == f"{prefix}-keyring"
+    with pytest.raises(helm_python.HelmError, match="statePrefix"):
+        render({"operator": {"statePrefix": "Blue_1"}})
 
 
 def test_full_values():

@@ -459,3 +459,20 @@ fn run_logs_json_lines_with_log_format_json() {
     );
     assert_eq!(v["fields"]["addr"], addr.as_str(), "{first}");
 }
+
+#[test]
+fn run_refuses_an_invalid_state_prefix() {
+    let out = bin()
+        .args(["run", "--state-prefix", "Blue_1"])
+        .env_remove("SERF_OPERATOR_STATE_PREFIX")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--state-prefix: state prefix \"Blue_1\": lower-case letters"),
+        "{err}"
+    );
+}

@@ -71,3 +71,10 @@ or the pod's IP; the port is serf.bindPort unless given. */}}
   verbs: ["get", "list", "watch"]
 {{- end }}
 {{- end -}}
+
+{{/* Prefix of the operator's state objects in the release's namespace (ConfigMaps
+PREFIX-membership, PREFIX-pending-launches, PREFIX-keyring; the Lease PREFIX): operator.statePrefix,
+or the release's name, so that two releases in one namespace keep apart. */}}
+{{- define "serf-operator.statePrefix" -}}
+{{- .Values.operator.statePrefix | default (include "serf-operator.name" .) -}}
+{{- end -}}
