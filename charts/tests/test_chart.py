@@ -184,6 +184,11 @@ def test_state_objects_are_named_per_release():
                 prefix} <= names, names
         vol = [v for v in pod["volumes"] if v["name"] == "serf-keyring-state"][0]
         assert vol["configMap"]["name"] == f"{prefix}-keyring"
+        # The release's Deployment owns them (garbage-collected at uninstall), read by name.
+        assert env(cs["operator"])["SERF_OPERATOR_OWNER_DEPLOYMENT"] == release
+        assert by_kind(docs, "Deployment")[0]["metadata"]["name"] == release
+        assert {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [release],
+                "verbs": ["get"]} in state["rules"]
     with pytest.raises(helm_python.HelmError, match="statePrefix"):
         render({"operator": {"statePrefix": "Blue_1"}})
 

@@ -621,7 +621,7 @@ pub async fn write_membership(
         namespace,
         &crate::objects::membership(),
         json!({}),
-        None,
+        crate::objects::owner(),
         MEMBERSHIP_KEY,
         &text,
     )

@@ -139,6 +139,10 @@ enum Command {
         /// The Lease's name (in the state namespace); the state prefix unless given.
         #[arg(long, env = "SERF_OPERATOR_LEASE_NAME")]
         lease_name: Option<String>,
+        /// A Deployment in the state namespace (the chart's own) that owns the state objects,
+        /// so that deleting it (`helm uninstall`) deletes them too.
+        #[arg(long, env = "SERF_OPERATOR_OWNER_DEPLOYMENT")]
+        owner_deployment: Option<String>,
         /// Lease duration in seconds: how long a dead leader holds up the others.
         #[arg(long, env = "SERF_OPERATOR_LEASE_DURATION", default_value_t = 15)]
         lease_duration: u64,
@@ -245,6 +249,7 @@ fn main() -> anyhow::Result<()> {
             leader_elect,
             state_prefix,
             lease_name,
+            owner_deployment,
             lease_duration,
             launch_deadline,
             api_timeout,
@@ -299,6 +304,7 @@ fn main() -> anyhow::Result<()> {
                     configmap: serf_operator::objects::keyring_record(),
                     recheck: std::time::Duration::from_secs(keyring_recheck.max(1)),
                 }),
+                owner_deployment: owner_deployment.filter(|d| !d.is_empty()),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -12,6 +12,7 @@ pub const DEFAULT_PREFIX: &str = "serf-operator";
 pub const MAX_PREFIX: usize = 200;
 
 static PREFIX: OnceLock<String> = OnceLock::new();
+static OWNER: OnceLock<serde_json::Value> = OnceLock::new();
 
 /// Checks `prefix`: lower-case letters, digits, `-` and `.`, starting and ending with a
 /// letter or digit, at most [`MAX_PREFIX`] characters.
@@ -53,6 +54,46 @@ pub fn set_prefix(prefix: &str) -> Result<(), String> {
 /// The prefix in use.
 pub fn prefix() -> &'static str {
     PREFIX.get().map_or(DEFAULT_PREFIX, String::as_str)
+}
+
+/// Makes the Deployment `name` (in `namespace`) the owner of every state object written from
+/// now on, so that deleting it (`helm uninstall`) has Kubernetes' garbage collector delete
+/// them too. The first call wins.
+///
+/// # Errors
+/// The Deployment cannot be read (absent, forbidden, the API server did not answer).
+pub async fn own_by_deployment(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<(), crate::error::Error> {
+    let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let d = crate::error::kube_call(
+        &format!("read the owner of the state objects, Deployment {namespace}/{name}"),
+        timeout,
+        api.get(name),
+    )
+    .await?;
+    let uid = d.metadata.uid.unwrap_or_default();
+    let _ = OWNER.set(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid,
+    }));
+    tracing::info!(deployment = %name, "state objects owned by the Deployment");
+    Ok(())
+}
+
+/// The owner reference every state object carries, if one was set.
+pub fn owner() -> Option<serde_json::Value> {
+    OWNER.get().cloned()
+}
+
+/// Adds the owner reference (if any) to an object's metadata.
+pub fn add_owner(meta: &mut serde_json::Value) {
+    if let Some(o) = owner() {
+        meta["ownerReferences"] = serde_json::json!([o]);
+    }
 }
 
 /// The ConfigMap holding the membership last acted on.

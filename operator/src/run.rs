@@ -72,6 +72,9 @@ pub struct RunConfig {
     pub leader_election: Option<LeaderElection>,
     /// Gossip key rotation from a Secret (in the state namespace), if on.
     pub keyring: Option<KeyringConfig>,
+    /// The Deployment (in the state namespace) that owns the state objects, if any: they are
+    /// garbage-collected with it.
+    pub owner_deployment: Option<String>,
 }
 
 /// Gossip key rotation settings.
@@ -270,6 +273,10 @@ pub async fn run(
         metrics: metrics.clone(),
     };
 
+    if let Some(d) = &cfg.owner_deployment {
+        crate::objects::own_by_deployment(&client, &cfg.state_namespace, d, cfg.call_timeout)
+            .await?;
+    }
     // Leader election.
     let (verdict, _single) =
         leader::elect(&client, &cfg.state_namespace, cfg.leader_election.as_ref()).await?;

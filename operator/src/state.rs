@@ -332,10 +332,12 @@ pub async fn hand_over(
     }
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let body: BTreeMap<&String, &String> = data.iter().map(|(k, (t, _))| (k, t)).collect();
+    let mut meta = serde_json::json!({"name": crate::objects::pending_launches(), "namespace": namespace,
+                     "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}});
+    crate::objects::add_owner(&mut meta);
     let cm = serde_json::json!({
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": crate::objects::pending_launches(), "namespace": namespace,
-                     "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}},
+        "metadata": meta,
         "data": body,
     });
     let r = kube_call(

@@ -966,7 +966,8 @@ async fn http_get(addr: &str, path: &str) -> String {
 /// each electing its leader: each keeps its state under its own name (ConfigMap
 /// `<release>-membership`, Lease `<release>`), and nothing under the default prefix; a user
 /// event launches one Job in each handler namespace; uninstalling one leaves the other
-/// launching.
+/// launching, and takes its own state objects with it (garbage-collected with its
+/// Deployment), none of the other's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_releases_side_by_side_in_one_namespace() {
     use k8s_openapi::api::coordination::v1::Lease;
@@ -1159,12 +1160,57 @@ async fn two_releases_side_by_side_in_one_namespace() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(count(handler_ns[1].clone()).await, 1);
     assert!(cms.get_opt("blue-membership").await.unwrap().is_some());
+    // Green's state objects went with its Deployment (owner references, garbage collector);
+    // blue's stay.
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(60);
+    loop {
+        let cm = cms.get_opt("green-membership").await.unwrap();
+        let lease = leases.get_opt("green").await.unwrap();
+        if cm.is_none() && lease.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "green's state left after uninstall: membership {} Lease {}",
+            cm.is_some(),
+            lease.is_some()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let gone = t.elapsed();
+    assert!(leases.get_opt("blue").await.unwrap().is_some());
     eprintln!(
         "\ntwo releases in {ns}: blue ({blue_pod}) and green ({green_pod}) Ready, each with its \
          own membership record and Lease; one event → one Job each; green uninstalled → \
          blue launched the next, green's namespace nothing\n"
     );
+    eprintln!(
+        "green's membership record and Lease gone {:.1} s after the uninstall returned",
+        gone.as_secs_f64()
+    );
     helm_release(&python, &chart, "uninstall", &ns, "blue", &values).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .any(|c| {
+            c.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("blue-"))
+        })
+        || leases.get_opt("blue").await.unwrap().is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "blue's state left after uninstall"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     drop(guards);
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -107,3 +107,70 @@ async fn a_job_template_the_api_server_refuses_shows_at_once() {
         "a dry-run create stores nothing"
     );
 }
+
+/// The documented CRD upgrade (Helm never updates `crds/`):
+/// `serf-operator crds --out - | kubectl apply --server-side --force-conflicts -f -` applies
+/// both CRDs over whatever installed them, and both stay established.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crds_upgrade_by_server_side_apply() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use std::io::Write as _;
+    let Some(client) = cluster_or_skip("the CRD upgrade check").await else {
+        return;
+    };
+    if std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_err()
+    {
+        eprintln!("\n*** SKIPPED: the CRD upgrade check needs kubectl on PATH ***\n");
+        return;
+    }
+    install_crds(&client).await.unwrap();
+    let crds = std::process::Command::new(serf_operator_e2e::operator_binary().unwrap())
+        .args(["crds", "--out", "-"])
+        .output()
+        .unwrap();
+    assert!(crds.status.success());
+    for _ in 0..2 {
+        let mut kubectl = std::process::Command::new("kubectl")
+            .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        kubectl
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&crds.stdout)
+            .unwrap();
+        let out = kubectl.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success());
+        assert!(
+            text.contains("serfhandlers.serf.operator.io serverside-applied"),
+            "{text}"
+        );
+        assert!(
+            text.contains("serfeventtriggers.serf.operator.io serverside-applied"),
+            "{text}"
+        );
+    }
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in [
+        "serfhandlers.serf.operator.io",
+        "serfeventtriggers.serf.operator.io",
+    ] {
+        let crd = api.get(name).await.unwrap();
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        assert!(established, "{name} not established");
+    }
+}
