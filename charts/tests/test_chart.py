@@ -413,7 +413,10 @@ def test_server_dry_run(tmp_path):
     # The release namespace and the watched ones must exist; those made here are removed.
     made = []
     try:
-        for i, values in enumerate(({}, FULL, HOST)):
+        gossip = [{"serf": {"gossipService": {"enabled": True, "nodePort": 30946}}},
+                  {"serf": {"gossipService": {"enabled": True, "type": "LoadBalancer",
+                                              "advertiseAddr": "203.0.113.7"}}}]
+        for i, values in enumerate([{}, FULL, HOST] + gossip):
             f = tmp_path / f"r{i}.yaml"
             f.write_text("\n---\n".join(yaml.safe_dump(d) for d in render(values)
                                           if d["kind"] not in ("ServiceMonitor", "PrometheusRule")))
@@ -710,3 +713,45 @@ def test_every_value_is_in_the_schema():
                 assert k in v, f"{path}{k} is in the schema, not in values.yaml (no default)"
 
     walk(values, schema, "")
+
+
+def test_gossip_service_exposes_the_agent_and_sets_what_it_advertises():
+    """serf.gossipService: a NodePort (or LoadBalancer) Service for the gossip port, TCP and
+    UDP, and the agent advertising the address members reach it at through it."""
+    docs = render({"serf": {"gossipService": {"enabled": True, "nodePort": 30946}}})
+    (svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-gossip")]
+    assert svc["spec"]["type"] == "NodePort"
+    assert svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["spec"]["selector"] == by_kind(docs, "Deployment")[0]["spec"]["selector"]["matchLabels"]
+    assert sorted((p["protocol"], p["port"], p["targetPort"], p["nodePort"])
+                  for p in svc["spec"]["ports"]) == [("TCP", 7946, 7946, 30946),
+                                                      ("UDP", 7946, 7946, 30946)]
+    cs, _ = containers(docs)
+    agent = cs["serf-agent"]
+    assert "-advertise=$(HOST_IP):30946" in agent["args"]
+    assert env(agent)["HOST_IP"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+
+    docs = render({"serf": {"gossipService": {
+        "enabled": True, "type": "LoadBalancer", "advertiseAddr": "203.0.113.7",
+        "loadBalancerIP": "203.0.113.7", "annotations": {"example.com/lb": "internal"}}}})
+    (svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-gossip")]
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["loadBalancerIP"] == "203.0.113.7"
+    assert svc["metadata"]["annotations"] == {"example.com/lb": "internal"}
+    assert all("nodePort" not in p for p in svc["spec"]["ports"])
+    cs, _ = containers(docs)
+    assert "-advertise=203.0.113.7:7946" in cs["serf-agent"]["args"]
+    assert "HOST_IP" not in env(cs["serf-agent"])
+
+    # Off by default; and what cannot work is refused with the reason.
+    assert not [s for s in by_kind(render({}), "Service") if s["metadata"]["name"].endswith("-gossip")]
+    for values, msg in [
+        ({"gossipService": {"enabled": True}}, "nodePort is required"),
+        ({"gossipService": {"enabled": True, "type": "LoadBalancer"}}, "advertiseAddr is required"),
+        ({"gossipService": {"enabled": True, "nodePort": 30946}, "advertiseAddr": "10.0.0.1"},
+         "both set the advertised address"),
+        ({"gossipService": {"enabled": True, "nodePort": 80}}, "nodePort"),
+    ]:
+        with pytest.raises(helm_python.HelmError, match=msg):
+            render({"serf": values})
+    with pytest.raises(helm_python.HelmError, match="with hostNetwork"):
+        render({"hostNetwork": True, "serf": {"gossipService": {"enabled": True, "nodePort": 30946}}})
