@@ -11,6 +11,9 @@ import socket
 import subprocess
 import time
 
+import json
+import re
+
 import helm_python
 import pytest
 import yaml
@@ -97,8 +100,8 @@ def test_lint_is_clean():
 def test_default_values():
     docs = render({})
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["ClusterRole", "ClusterRoleBinding", "Deployment", "Role",
-                            "RoleBinding", "Service", "ServiceAccount"])
+    assert kinds == sorted(["ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy",
+                            "Role", "RoleBinding", "Service", "ServiceAccount"])
     dep = by_kind(docs, "Deployment")[0]
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["strategy"]["type"] == "Recreate"
@@ -151,9 +154,43 @@ def test_rbac_is_least_privilege():
     assert verbs[("events.k8s.io", "events")] == {"create", "patch"}
     state = [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-state")][0]
     assert {"coordination.k8s.io"} <= {g for r in state["rules"] for g in r["apiGroups"]}
-    # the membership record; the Job creates handed over at shutdown, deleted once taken back
-    own = [r for r in state["rules"] if r["resources"] == ["configmaps"]][0]
-    assert set(own["verbs"]) == {"get", "create", "patch", "delete"}
+    # the membership record; the Job creates handed over at shutdown, deleted once taken back;
+    # the key rotation's record: by name, the release's (create cannot be limited by name)
+    own = [r for r in state["rules"] if r["resources"] == ["configmaps"]]
+    assert own == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch", "delete"],
+         "resourceNames": ["serf-operator-membership", "serf-operator-pending-launches",
+                           "serf-operator-keyring"]}]
+    lease = [r for r in state["rules"] if r["resources"] == ["leases"]]
+    assert lease[1]["resourceNames"] == ["serf-operator"]
+
+
+def test_state_objects_are_named_per_release():
+    """Two releases in one namespace: each operator gets its own state prefix (the release's
+    name, or operator.statePrefix), and its Role names exactly its own state objects."""
+    chart = helm_python.Chart.load(str(CHART))
+    for release, values, prefix in [("blue", {}, "blue"), ("green", {}, "green"),
+                                    ("old", {"operator": {"statePrefix": "serf-operator"}},
+                                     "serf-operator")]:
+        values = {**values, "serf": {"encryptKeySecret": {"name": "k"}}}
+        out = chart.render(values, name=release, namespace="serf-system", is_install=True)
+        docs = [d for t in out.values() for d in yaml.safe_load_all(t) if d]
+        cs, pod = containers(docs)
+        assert env(cs["operator"])["SERF_OPERATOR_STATE_PREFIX"] == prefix
+        state = [d for d in by_kind(docs, "Role") if d["metadata"]["name"] == f"{release}-state"][0]
+        names = {n for r in state["rules"] for n in r.get("resourceNames", [])}
+        assert {f"{prefix}-membership", f"{prefix}-pending-launches", f"{prefix}-keyring",
+                prefix} <= names, names
+        vol = [v for v in pod["volumes"] if v["name"] == "serf-keyring-state"][0]
+        assert vol["configMap"]["name"] == f"{prefix}-keyring"
+        # The release's Deployment owns them (garbage-collected at uninstall), read by name.
+        assert env(cs["operator"])["SERF_OPERATOR_OWNER_DEPLOYMENT"] == release
+        assert by_kind(docs, "Deployment")[0]["metadata"]["name"] == release
+        assert {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [release],
+                "verbs": ["get"]} in state["rules"]
+    with pytest.raises(helm_python.HelmError, match="statePrefix"):
+        render({"operator": {"statePrefix": "Blue_1"}})
 
 
 def test_full_values():
@@ -253,7 +290,7 @@ def test_bare_node_values():
     # The RPC port is one value: the default port appears nowhere.
     dep = yaml.safe_dump(by_kind(docs, "Deployment")[0])
     assert "7373" not in dep
-    assert dep.count("127.0.0.1:9373") == 4  # agent flag, probe, preStop, operator env
+    assert dep.count("127.0.0.1:9373") == 5  # agent flag, probes (2), preStop, operator env
 
 
 def test_advertise_address_and_readiness_choice():
@@ -376,10 +413,13 @@ def test_server_dry_run(tmp_path):
     # The release namespace and the watched ones must exist; those made here are removed.
     made = []
     try:
-        for i, values in enumerate(({}, FULL, HOST)):
+        gossip = [{"serf": {"gossipService": {"enabled": True, "nodePort": 30946}}},
+                  {"serf": {"gossipService": {"enabled": True, "type": "LoadBalancer",
+                                              "advertiseAddr": "203.0.113.7"}}}]
+        for i, values in enumerate([{}, FULL, HOST] + gossip):
             f = tmp_path / f"r{i}.yaml"
             f.write_text("\n---\n".join(yaml.safe_dump(d) for d in render(values)
-                                          if d["kind"] != "ServiceMonitor"))
+                                          if d["kind"] not in ("ServiceMonitor", "PrometheusRule")))
             for ns in ["serf-system"] + values.get("watchNamespaces", []):
                 if subprocess.run([kubectl, "create", "namespace", ns],
                                   capture_output=True).returncode == 0:
@@ -397,7 +437,7 @@ def test_rpc_for_jobs_only_when_enabled_and_only_with_auth():
     # Off by default: the RPC stays on loopback, no Service, no policy.
     docs = render(FULL)
     assert not [d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-rpc")]
-    assert not by_kind(docs, "NetworkPolicy")
+    assert not [d for d in by_kind(docs, "NetworkPolicy") if d["metadata"]["name"].endswith("-rpc")]
     # Never without RPC auth.
     with pytest.raises(helm_python.HelmError, match="needs serf.rpcAuthSecret"):
         render({"serf": {"rpcForJobs": {"enabled": True}}})
@@ -411,12 +451,13 @@ def test_rpc_for_jobs_only_when_enabled_and_only_with_auth():
     assert env(cs["operator"])["SERF_RPC_ADDR"] == "127.0.0.1:7373"
     svc = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "serf-operator-rpc"][0]
     assert svc["spec"]["ports"] == [{"name": "rpc", "port": 7373, "targetPort": "rpc", "protocol": "TCP"}]
-    pol = by_kind(docs, "NetworkPolicy")[0]
+    pol = [d for d in by_kind(docs, "NetworkPolicy") if d["metadata"]["name"].endswith("-rpc")][0]
     rpc_rule = [r for r in pol["spec"]["ingress"] if r["ports"] == [{"port": 7373, "protocol": "TCP"}]][0]
     assert rpc_rule["from"][0]["podSelector"]["matchExpressions"] == [
         {"key": "serf.operator.io/handler", "operator": "Exists"}]
     values["serf"]["rpcForJobs"]["networkPolicy"] = False
-    assert not by_kind(render(values), "NetworkPolicy")
+    assert not [d for d in by_kind(render(values), "NetworkPolicy")
+                if d["metadata"]["name"].endswith("-rpc")]
     report = helm_python.lint(str(CHART), values, strict=True)
     assert not [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
 
@@ -436,6 +477,168 @@ def test_watched_kinds_are_readable_and_nothing_more():
                 {"apiGroup": "", "resources": []}):
         with pytest.raises(helm_python.HelmError):
             render({"watchKinds": [bad]})
+
+
+# Checks of the scanner that the default values cannot pass, each with its reason (README,
+# "Security scanners"): the user's registry decides both.
+CHECKOV_SKIPS = {
+    # The chart cannot know the digest of the image the user runs: image.digest pins it.
+    "CKV_K8S_43": "image digest: set image.digest",
+    # Pulling on every start makes each restart depend on the registry; a digest (above)
+    # is what makes the image immutable. image.pullPolicy: Always passes it.
+    "CKV_K8S_15": "imagePullPolicy Always: set image.pullPolicy",
+}
+
+
+def checkov(tmp_path, values, skips):
+    d = tmp_path / "rendered"
+    d.mkdir()
+    (d / "chart.yaml").write_text("\n---\n".join(yaml.safe_dump(x) for x in render(values)))
+    exe = pathlib.Path(os.sys.executable).parent / "checkov"
+    if not exe.exists():
+        pytest.fail("checkov is not installed in the test venv (scripts/test.sh installs it)")
+    cmd = [str(exe), "-d", str(d), "--framework", "kubernetes", "-o", "json", "--quiet",
+           "--skip-download"]
+    if skips:
+        cmd += ["--skip-check", ",".join(skips)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    out = json.loads(r.stdout) if r.stdout.strip() else {}
+    results = out.get("results", {})
+    failed = [(f["check_id"], f["resource"]) for f in results.get("failed_checks", [])]
+    summary = out.get("summary", {})
+    assert summary.get("failed") == len(failed) and summary.get("parsing_errors") == 0, r.stdout
+    return failed, summary.get("passed", 0), r
+
+
+def test_security_scanner_default_values(tmp_path):
+    """checkov (pinned in scripts/test.sh) on the rendered chart, default values: nothing
+    fails but the checks in CHECKOV_SKIPS, which only the user's image settings can pass."""
+    failed, passed, r = checkov(tmp_path, {}, CHECKOV_SKIPS)
+    assert passed > 100, r.stdout[-2000:] + r.stderr[-2000:]
+    assert failed == [], failed
+
+
+def test_security_scanner_passes_everything_with_a_pinned_image(tmp_path):
+    values = {"image": {"digest": "sha256:" + "a" * 64, "pullPolicy": "Always"}}
+    docs = render(values)
+    cs, _ = containers(docs)
+    assert all(c["image"].endswith("@sha256:" + "a" * 64) for c in cs.values())
+    failed, passed, r = checkov(tmp_path, values, {})
+    assert passed > 100, r.stdout[-2000:] + r.stderr[-2000:]
+    assert failed == [], failed
+
+
+def test_api_token_only_in_the_operator_container():
+    cs, pod = containers(render({}))
+    assert pod["automountServiceAccountToken"] is False
+    vol = {v["name"]: v for v in pod["volumes"]}["api-token"]["projected"]["sources"]
+    assert vol[0]["serviceAccountToken"]["path"] == "token"
+    assert vol[1]["configMap"]["name"] == "kube-root-ca.crt"
+    assert vol[2]["downwardAPI"]["items"][0]["path"] == "namespace"
+    for name, c in cs.items():
+        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+        if name == "operator":
+            assert mounts["api-token"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+        else:
+            assert "api-token" not in mounts
+
+
+def test_probes_and_resources_on_every_container():
+    cs, _ = containers(render({}))
+    for name, c in cs.items():
+        for kind in ("requests", "limits"):
+            assert set(c["resources"][kind]) == {"cpu", "memory"}, (name, kind)
+        if name != "agent-config":
+            assert "livenessProbe" in c and "readinessProbe" in c, name
+    assert cs["serf-agent"]["livenessProbe"]["exec"]["command"] == [
+        "serf", "info", "-rpc-addr=127.0.0.1:7373"]
+
+
+def test_network_policy_admits_only_gossip_and_metrics():
+    docs = render({})
+    (np,) = by_kind(docs, "NetworkPolicy")
+    assert np["spec"]["podSelector"]["matchLabels"] == \
+        by_kind(docs, "Deployment")[0]["spec"]["selector"]["matchLabels"]
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = np["spec"]["ingress"]
+    assert "from" not in rule
+    assert sorted((p["port"], p["protocol"]) for p in rule["ports"]) == \
+        [(7946, "TCP"), (7946, "UDP"), (8080, "TCP")]
+    # The RPC port is never in it, also not with rpcForJobs (rpc.yaml admits the Jobs).
+    docs = render({"serf": {"rpcForJobs": {"enabled": True}, "rpcAuthSecret": {"name": "k"}},
+                   "metrics": {"port": 9090}})
+    mine = [n for n in by_kind(docs, "NetworkPolicy") if n["metadata"]["name"] == "serf-operator"]
+    assert sorted(p["port"] for p in mine[0]["spec"]["ingress"][0]["ports"]) == [7946, 7946, 9090]
+    assert not by_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
+def test_pod_placement_and_extras():
+    values = {
+        "podLabels": {"team": "ops"},
+        "podAnnotations": {"example.com/scrape": "true"},
+        "priorityClassName": "system-cluster-critical",
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                       "whenUnsatisfiable": "ScheduleAnyway"}],
+        "extraVolumes": [{"name": "ca", "configMap": {"name": "corp-ca"}}],
+        "operator": {"extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/corp-ca"}],
+                     "extraEnv": [{"name": "SSL_CERT_DIR", "value": "/etc/corp-ca"}]},
+    }
+    docs = render(values)
+    dep = by_kind(docs, "Deployment")[0]
+    tmpl = dep["spec"]["template"]
+    assert tmpl["metadata"]["labels"]["team"] == "ops"
+    assert tmpl["metadata"]["annotations"] == {"example.com/scrape": "true"}
+    # The selector stays the chart's: pod labels never change it.
+    assert "team" not in dep["spec"]["selector"]["matchLabels"]
+    cs, pod = containers(docs)
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert {"name": "ca", "configMap": {"name": "corp-ca"}} in pod["volumes"]
+    assert {"name": "ca", "mountPath": "/etc/corp-ca"} in cs["operator"]["volumeMounts"]
+    assert env(cs["operator"])["SSL_CERT_DIR"] == "/etc/corp-ca"
+    cs, pod = containers(render({}))
+    assert "priorityClassName" not in pod and "topologySpreadConstraints" not in pod
+
+
+def registered_metrics():
+    """Every name the operator exposes, read from operator/src/metrics.rs (the registry,
+    prefix serf_operator): counters carry _total, histograms _bucket/_sum/_count."""
+    src = (CHART.parent.parent / "operator" / "src" / "metrics.rs").read_text()
+    assert 'Registry::with_prefix("serf_operator")' in src
+    names = re.findall(r'registry\.register\(\s*"([a-z_]+)"', src)
+    assert len(names) > 10, names
+    out = set()
+    for n in names:
+        base = "serf_operator_" + n
+        out |= {base, base + "_total", base + "_bucket", base + "_sum", base + "_count"}
+    return out
+
+
+def test_alert_rules_and_dashboard_use_real_metrics():
+    assert not [d for d in render({}) if d["kind"] in ("PrometheusRule", "ConfigMap")]
+    docs = render({"metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+                               "dashboard": {"enabled": True}}})
+    (rule,) = by_kind(docs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    for a in ("SerfOperatorEventsDropped", "SerfOperatorJobLaunchFailures",
+              "SerfOperatorReportsNotSent", "SerfOperatorLeaderChanges"):
+        assert a in alerts
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dash = json.loads(cm["data"]["serf-operator.json"])
+    exprs = list(alerts.values()) + [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    known = registered_metrics()
+    used = {m for e in exprs for m in re.findall(r"serf_operator_[a-z_]+", e)}
+    assert used and used <= known, sorted(used - known)
+    # Label names the rules and panels group or filter by are the registry's label names.
+    src = (CHART.parent.parent / "operator" / "src" / "metrics.rs").read_text()
+    labels = set(re.findall(r"pub ([a-z_]+): String", src)) | {"namespace", "pod", "le"}
+    for e in exprs:
+        for grp in re.findall(r"by \(([^)]*)\)", e):
+            assert {x.strip() for x in grp.split(",")} <= labels, e
+        for lab in re.findall(r"\{([a-z_]+)[!=]", e):
+            assert lab in labels, e
 
 
 def test_gossip_keyring_file_and_rotation():
@@ -476,3 +679,79 @@ def test_gossip_keyring_file_and_rotation():
     cs, pod = containers(render({}))
     assert not any(a.startswith("--keyring-file") for a in cs["agent-config"]["args"])
     assert "serf-keyring" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_unknown_values_are_refused():
+    """A misspelt or unknown key (`--set replicaCount=3`, a nested typo) fails the install
+    with Helm's schema message naming it, instead of being ignored."""
+    for values, key in [({"replicaCount": 3}, "replicaCount"),
+                        ({"serf": {"joins": ["10.0.0.1"]}}, "joins"),
+                        ({"metrics": {"serviceMonitor": {"enable": True}}}, "enable"),
+                        ({"resources": {"operator": {"limit": {"cpu": "1"}}}}, "limit"),
+                        ({"image": {"tags": "1.0"}}, "tags")]:
+        with pytest.raises(helm_python.HelmError, match=f"{key}.*not allowed|not allowed.*{key}"):
+            render(values)
+    # Free-form maps stay open.
+    render({"podLabels": {"any-key": "v"}, "nodeSelector": {"kubernetes.io/os": "linux"},
+            "serf": {"tags": {"dc": "eu"}}, "affinity": {"nodeAffinity": {}},
+            "resources": {"operator": {"limits": {"cpu": "1", "ephemeral-storage": "1Gi"}}}})
+
+
+def test_every_value_is_in_the_schema():
+    """values.yaml and the schema name the same keys, at every level the schema closes."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(v, s, path):
+        props = s.get("properties", {})
+        for k, sub in v.items():
+            assert k in props, f"{path}{k} is in values.yaml, not in the schema"
+            if isinstance(sub, dict) and "properties" in props[k]:
+                walk(sub, props[k], f"{path}{k}.")
+        if s.get("additionalProperties") is False:
+            for k in props:
+                assert k in v, f"{path}{k} is in the schema, not in values.yaml (no default)"
+
+    walk(values, schema, "")
+
+
+def test_gossip_service_exposes_the_agent_and_sets_what_it_advertises():
+    """serf.gossipService: a NodePort (or LoadBalancer) Service for the gossip port, TCP and
+    UDP, and the agent advertising the address members reach it at through it."""
+    docs = render({"serf": {"gossipService": {"enabled": True, "nodePort": 30946}}})
+    (svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-gossip")]
+    assert svc["spec"]["type"] == "NodePort"
+    assert svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["spec"]["selector"] == by_kind(docs, "Deployment")[0]["spec"]["selector"]["matchLabels"]
+    assert sorted((p["protocol"], p["port"], p["targetPort"], p["nodePort"])
+                  for p in svc["spec"]["ports"]) == [("TCP", 7946, 7946, 30946),
+                                                      ("UDP", 7946, 7946, 30946)]
+    cs, _ = containers(docs)
+    agent = cs["serf-agent"]
+    assert "-advertise=$(HOST_IP):30946" in agent["args"]
+    assert env(agent)["HOST_IP"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+
+    docs = render({"serf": {"gossipService": {
+        "enabled": True, "type": "LoadBalancer", "advertiseAddr": "203.0.113.7",
+        "loadBalancerIP": "203.0.113.7", "annotations": {"example.com/lb": "internal"}}}})
+    (svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-gossip")]
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["loadBalancerIP"] == "203.0.113.7"
+    assert svc["metadata"]["annotations"] == {"example.com/lb": "internal"}
+    assert all("nodePort" not in p for p in svc["spec"]["ports"])
+    cs, _ = containers(docs)
+    assert "-advertise=203.0.113.7:7946" in cs["serf-agent"]["args"]
+    assert "HOST_IP" not in env(cs["serf-agent"])
+
+    # Off by default; and what cannot work is refused with the reason.
+    assert not [s for s in by_kind(render({}), "Service") if s["metadata"]["name"].endswith("-gossip")]
+    for values, msg in [
+        ({"gossipService": {"enabled": True}}, "nodePort is required"),
+        ({"gossipService": {"enabled": True, "type": "LoadBalancer"}}, "advertiseAddr is required"),
+        ({"gossipService": {"enabled": True, "nodePort": 30946}, "advertiseAddr": "10.0.0.1"},
+         "both set the advertised address"),
+        ({"gossipService": {"enabled": True, "nodePort": 80}}, "nodePort"),
+    ]:
+        with pytest.raises(helm_python.HelmError, match=msg):
+            render({"serf": values})
+    with pytest.raises(helm_python.HelmError, match="with hostNetwork"):
+        render({"hostNetwork": True, "serf": {"gossipService": {"enabled": True, "nodePort": 30946}}})

@@ -133,8 +133,9 @@ pub struct Route {
 
     /// Launch a Job from this template (a batch/v1 JobTemplateSpec: `metadata` and `spec`).
     /// The Job gets the Serf event as SERF_* environment variables in every container and
-    /// the stdin Serf would pipe to a handler as the file /serf/stdin. The template is
-    /// validated when a Job is created; errors show in the route's status.
+    /// the stdin Serf would pipe to a handler as the file /serf/stdin. When the handler
+    /// changes, the operator creates the Job this template makes with a server-side dry run:
+    /// a template the API server refuses makes the handler Ready=False with its message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<schema::JobTemplate>,
 

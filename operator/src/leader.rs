@@ -51,6 +51,22 @@ pub async fn elect(
         .map_err(|e| Error::Invalid(format!("cannot set up the Lease: {e}")))?;
     let (rx, _task) = manager.watch().await;
     tracing::info!(lease = %le.lease_name, identity = %le.identity, "leader election on");
+    if let Some(o) = crate::objects::owner() {
+        // Under a field manager of its own, so that the Lease manager's applies keep it.
+        let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+            kube::Api::namespaced(client.clone(), namespace);
+        let pp = kube::api::PatchParams {
+            field_manager: Some(format!("{}-owner", crate::ledger::FIELD_MANAGER)),
+            ..Default::default()
+        };
+        let patch = serde_json::json!({"metadata": {"ownerReferences": [o]}});
+        if let Err(e) = api
+            .patch(&le.lease_name, &pp, &kube::api::Patch::Merge(patch))
+            .await
+        {
+            tracing::warn!(error = %e, lease = %le.lease_name, "cannot set the Lease's owner; it stays after an uninstall");
+        }
+    }
     Ok((rx, None))
 }
 

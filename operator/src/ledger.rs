@@ -583,8 +583,6 @@ pub async fn write_ledger(
     Ok(())
 }
 
-/// Name of the ConfigMap holding the membership last acted on.
-pub const MEMBERSHIP_CONFIGMAP: &str = "serf-operator-membership";
 const MEMBERSHIP_KEY: &str = "membership.json";
 
 /// Reads the persisted membership (empty when absent).
@@ -592,12 +590,13 @@ const MEMBERSHIP_KEY: &str = "membership.json";
 /// # Errors
 /// Any API error but 404, or a record that does not decode.
 pub async fn read_membership(client: &Client, namespace: &str) -> Result<Membership, Error> {
-    match read_key(client, namespace, MEMBERSHIP_CONFIGMAP, MEMBERSHIP_KEY)
+    let name = crate::objects::membership();
+    match read_key(client, namespace, &name, MEMBERSHIP_KEY)
         .await
         .map_err(|e| Error::kube("read the membership record", e))?
     {
         Some(text) => serde_json::from_str(&text).map_err(|e| Error::Corrupt {
-            what: format!("ConfigMap {MEMBERSHIP_CONFIGMAP}"),
+            what: format!("ConfigMap {name}"),
             message: e.to_string(),
         }),
         None => Ok(Membership::default()),
@@ -620,9 +619,9 @@ pub async fn write_membership(
     write_key(
         client,
         namespace,
-        MEMBERSHIP_CONFIGMAP,
+        &crate::objects::membership(),
         json!({}),
-        None,
+        crate::objects::owner(),
         MEMBERSHIP_KEY,
         &text,
     )

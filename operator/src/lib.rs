@@ -35,6 +35,7 @@ pub mod local;
 pub mod manifests;
 pub mod metrics;
 pub mod naming;
+pub mod objects;
 pub mod report;
 pub mod run;
 pub mod state;

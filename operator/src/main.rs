@@ -126,13 +126,23 @@ enum Command {
         /// triggers and prunes history.
         #[arg(long, env = "SERF_OPERATOR_LEADER_ELECT")]
         leader_elect: bool,
-        /// The Lease's name (in the state namespace).
+        /// Prefix of the names of the operator's state objects in the state namespace: the
+        /// ConfigMaps PREFIX-membership, PREFIX-pending-launches and PREFIX-keyring, and the
+        /// Lease PREFIX. Two installations in one namespace need two prefixes (the chart
+        /// uses the release's name).
         #[arg(
             long,
-            env = "SERF_OPERATOR_LEASE_NAME",
-            default_value = "serf-operator"
+            env = "SERF_OPERATOR_STATE_PREFIX",
+            default_value = serf_operator::objects::DEFAULT_PREFIX
         )]
-        lease_name: String,
+        state_prefix: String,
+        /// The Lease's name (in the state namespace); the state prefix unless given.
+        #[arg(long, env = "SERF_OPERATOR_LEASE_NAME")]
+        lease_name: Option<String>,
+        /// A Deployment in the state namespace (the chart's own) that owns the state objects,
+        /// so that deleting it (`helm uninstall`) deletes them too.
+        #[arg(long, env = "SERF_OPERATOR_OWNER_DEPLOYMENT")]
+        owner_deployment: Option<String>,
         /// Lease duration in seconds: how long a dead leader holds up the others.
         #[arg(long, env = "SERF_OPERATOR_LEASE_DURATION", default_value_t = 15)]
         lease_duration: u64,
@@ -237,7 +247,9 @@ fn main() -> anyhow::Result<()> {
             pod_name,
             log_format,
             leader_elect,
+            state_prefix,
             lease_name,
+            owner_deployment,
             lease_duration,
             launch_deadline,
             api_timeout,
@@ -248,6 +260,11 @@ fn main() -> anyhow::Result<()> {
             if log_format != "text" && log_format != "json" {
                 anyhow::bail!("--log-format must be text or json, not {log_format:?}");
             }
+            serf_operator::objects::set_prefix(&state_prefix)
+                .map_err(|e| anyhow::anyhow!("--state-prefix: {e}"))?;
+            let lease_name = lease_name
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(serf_operator::objects::lease);
             let mut serf = ClientConfig::new(rpc_addr);
             serf.auth = match (rpc_auth.filter(|k| !k.is_empty()), rpc_auth_file) {
                 (Some(k), _) => Some(k),
@@ -284,9 +301,10 @@ fn main() -> anyhow::Result<()> {
                 keyring: (!keyring_secret.is_empty()).then(|| serf_operator::run::KeyringConfig {
                     secret: keyring_secret,
                     primary_entry: keyring_secret_key,
-                    configmap: serf_operator::keyring::STATE_CONFIGMAP.to_string(),
+                    configmap: serf_operator::objects::keyring_record(),
                     recheck: std::time::Duration::from_secs(keyring_recheck.max(1)),
                 }),
+                owner_deployment: owner_deployment.filter(|d| !d.is_empty()),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

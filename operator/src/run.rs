@@ -72,6 +72,9 @@ pub struct RunConfig {
     pub leader_election: Option<LeaderElection>,
     /// Gossip key rotation from a Secret (in the state namespace), if on.
     pub keyring: Option<KeyringConfig>,
+    /// The Deployment (in the state namespace) that owns the state objects, if any: they are
+    /// garbage-collected with it.
+    pub owner_deployment: Option<String>,
 }
 
 /// Gossip key rotation settings.
@@ -199,7 +202,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (--metrics-addr, SERF_OPERATOR_METRICS_ADDR): {e}",
+                cfg.metrics_addr
+            )
+        })?;
     tracing::info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz");
     let admin = tokio::spawn(crate::admin::serve(listener, metrics.clone()));
 
@@ -263,6 +273,10 @@ pub async fn run(
         metrics: metrics.clone(),
     };
 
+    if let Some(d) = &cfg.owner_deployment {
+        crate::objects::own_by_deployment(&client, &cfg.state_namespace, d, cfg.call_timeout)
+            .await?;
+    }
     // Leader election.
     let (verdict, _single) =
         leader::elect(&client, &cfg.state_namespace, cfg.leader_election.as_ref()).await?;

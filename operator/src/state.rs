@@ -292,8 +292,6 @@ fn now() -> String {
     crate::local::rfc3339(std::time::SystemTime::now())
 }
 
-/// The ConfigMap (in the state namespace) that holds Job creates a shutdown cut short.
-pub const PENDING_CONFIGMAP: &str = "serf-operator-pending-launches";
 /// The most bytes handed over (a ConfigMap holds at most 1 MiB).
 const MAX_HANDOVER_BYTES: usize = 900 * 1024;
 
@@ -303,7 +301,7 @@ struct Handed {
     event: String,
 }
 
-/// Writes the launches a shutdown cut short into [`PENDING_CONFIGMAP`] for the next start.
+/// Writes the launches a shutdown cut short into [`crate::objects::pending_launches`] for the next start.
 /// Returns the ones that could not be handed over (too large, or the API server did not
 /// take them): those are dropped, and the caller counts them.
 pub async fn hand_over(
@@ -334,17 +332,19 @@ pub async fn hand_over(
     }
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let body: BTreeMap<&String, &String> = data.iter().map(|(k, (t, _))| (k, t)).collect();
+    let mut meta = serde_json::json!({"name": crate::objects::pending_launches(), "namespace": namespace,
+                     "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}});
+    crate::objects::add_owner(&mut meta);
     let cm = serde_json::json!({
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": PENDING_CONFIGMAP, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY}},
+        "metadata": meta,
         "data": body,
     });
     let r = kube_call(
         "hand over unfinished Job creates",
         timeout,
         api.patch(
-            PENDING_CONFIGMAP,
+            &crate::objects::pending_launches(),
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(cm),
         ),
@@ -378,7 +378,7 @@ pub async fn take_over(
     let Some(cm) = kube_call(
         "read the handed-over Job creates",
         timeout,
-        api.get_opt(PENDING_CONFIGMAP),
+        api.get_opt(&crate::objects::pending_launches()),
     )
     .await?
     else {
@@ -396,7 +396,10 @@ pub async fn take_over(
     kube_call(
         "delete the handed-over Job creates",
         timeout,
-        api.delete(PENDING_CONFIGMAP, &DeleteParams::default()),
+        api.delete(
+            &crate::objects::pending_launches(),
+            &DeleteParams::default(),
+        ),
     )
     .await?;
     Ok(out)

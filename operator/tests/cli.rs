@@ -53,7 +53,7 @@ fn route_prints_jobs_answers_and_reasons_as_yaml() {
     assert_eq!(docs[0]["event"], "user:deploy@1");
     assert_eq!(docs[0]["results"][0]["action"], "createJob");
     let job: k8s_openapi::api::batch::v1::Job = serde_yaml::from_value(docs[1].clone()).unwrap();
-    assert_eq!(job.metadata.namespace.as_deref(), Some("apps"));
+    assert_eq!(job.metadata.namespace.as_deref(), Some("serf-examples"));
     assert_eq!(
         serf_operator::jobs::stdin_bytes(&job, None),
         b"v1.2.3\n",
@@ -378,4 +378,101 @@ fn route_takes_any_payload_and_any_tag() {
     ]);
     assert!(!ok);
     assert!(err.contains("--member-tag b: no such member"), "{err}");
+}
+
+/// A kubeconfig for an API server that does not answer: `run` gets as far as its own
+/// listeners without one.
+fn unreachable_kubeconfig(dir: &Path) -> PathBuf {
+    let p = dir.join("kubeconfig");
+    std::fs::write(
+        &p,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: k\n  cluster: \
+         {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}\nusers:\n- name: u\n  \
+         user: {token: t}\ncontexts:\n- name: c\n  context: {cluster: k, user: u}\n",
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn run_names_the_metrics_address_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = bin()
+        .args(["run", "--metrics-addr", &addr])
+        .env("KUBECONFIG", unreachable_kubeconfig(dir.path()))
+        .env_remove("SERF_OPERATOR_METRICS_ADDR")
+        // anyhow appends a backtrace when these ask for one; a user without them sees one line.
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines,
+        [format!(
+            "Error: cannot listen on {addr} (--metrics-addr, SERF_OPERATOR_METRICS_ADDR): \
+             Address already in use (os error 98)"
+        )],
+        "{err}"
+    );
+}
+
+#[test]
+fn run_logs_json_lines_with_log_format_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child: Child = bin()
+        .args(["run", "--metrics-addr", &addr, "--log-format", "json"])
+        .env("KUBECONFIG", unreachable_kubeconfig(dir.path()))
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(20));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let first = first.expect("a log line");
+    let v: serde_json::Value = serde_json::from_str(&first).expect(&first);
+    assert_eq!(v["level"], "INFO", "{first}");
+    assert_eq!(
+        v["fields"]["message"], "serving /metrics, /healthz, /readyz",
+        "{first}"
+    );
+    assert_eq!(v["fields"]["addr"], addr.as_str(), "{first}");
+}
+
+#[test]
+fn run_refuses_an_invalid_state_prefix() {
+    let out = bin()
+        .args(["run", "--state-prefix", "Blue_1"])
+        .env_remove("SERF_OPERATOR_STATE_PREFIX")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--state-prefix: state prefix \"Blue_1\": lower-case letters"),
+        "{err}"
+    );
 }

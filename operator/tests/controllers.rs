@@ -64,6 +64,30 @@ async fn no_more_requests(h: &mut Handle) {
     );
 }
 
+/// Expects the dry-run create of a route's sample Job in `apps`; answers `code` with
+/// `reply`, returns the Job sent.
+async fn expect_dry_run(h: &mut Handle, code: u16, reply: Value) -> Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
+        .await
+        .expect("a request")
+        .expect("service not called");
+    assert_eq!(req.method(), Method::POST, "{}", req.uri());
+    assert_eq!(req.uri().path(), "/apis/batch/v1/namespaces/apps/jobs");
+    assert!(
+        req.uri().query().unwrap_or_default().contains("dryRun=All"),
+        "{}",
+        req.uri()
+    );
+    let body = req.into_body().collect_bytes().await.unwrap();
+    send.send_response(
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+            .unwrap(),
+    );
+    serde_json::from_slice(&body).unwrap()
+}
+
 const TSTATUS: &str = "/apis/serf.operator.io/v1alpha1/namespaces/apps/serfeventtriggers/t/status";
 
 fn trigger_obj(spec: Value, status: Value) -> SerfEventTrigger {
@@ -308,6 +332,161 @@ fn finished_job(name: &str, at: &str) -> Job {
     .unwrap()
 }
 
+fn api_status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+#[tokio::test]
+async fn a_job_template_the_api_server_refuses_makes_the_handler_not_ready() {
+    let (client, mut h) = mock();
+    let (status_tx, mut status_rx) = mpsc::channel(16);
+    let (sinks, _records) = sinks();
+    let (ltx, leader) = watch::channel(false);
+    let ctx = Arc::new(HandlerContext {
+        client,
+        leader,
+        status: status_tx,
+        jobs: vec![],
+        ledger: Arc::new(Mutex::new(Ledger::default())),
+        call_timeout: Duration::from_secs(5),
+        recheck: Duration::from_secs(3),
+        serf: watch::channel(None).1,
+        sinks,
+        reported: Default::default(),
+        validated: Default::default(),
+    });
+    let template = |name: &str| {
+        json!({"spec": {"template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": name, "image": "busybox"}]}}}})
+    };
+    let handler: Arc<SerfHandler> = Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+            "metadata": {"name": "web", "namespace": "apps", "uid": "h-uid", "generation": 3},
+            "spec": {"routes": [
+                {"name": "ok", "events": "user:deploy", "job": template("c")},
+                {"name": "upper", "events": "member-failed", "job": template("Bad_Name")},
+                {"name": "where", "events": "query:where", "respond": {"payload": "x"}}]}
+        }))
+        .unwrap(),
+    );
+    let errors_sent = |m: StatusMsg| match m {
+        StatusMsg::Handler { errors, .. } => errors,
+        other => panic!("{other:?}"),
+    };
+
+    // A standby validates its routes but asks the API server nothing.
+    let r = handler::reconcile(handler.clone(), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(r, Action::await_change());
+    no_more_requests(&mut h).await;
+    assert!(errors_sent(status_rx.recv().await.unwrap()).is_empty());
+
+    // The leader checks both Job routes; the API server does not answer at first (503):
+    // nothing is concluded, and the check runs again in 5 s.
+    ltx.send(true).unwrap();
+    let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
+    expect_dry_run(
+        &mut h,
+        503,
+        api_status(503, "ServiceUnavailable", "etcd is down"),
+    )
+    .await;
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert!(errors_sent(status_rx.recv().await.unwrap()).is_empty());
+
+    // Then: one accepted, one refused with the API server's own message.
+    let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
+    expect_dry_run(&mut h, 201, json!({})).await;
+    let sent = expect_dry_run(
+        &mut h,
+        422,
+        api_status(
+            422,
+            "Invalid",
+            "Job.batch \"serf-dry-run-abcde\" is invalid: spec.template.spec.containers[0].name: \
+             Invalid value: \"Bad_Name\": a lowercase RFC 1123 label must consist of ...",
+        ),
+    )
+    .await;
+    assert_eq!(
+        sent["spec"]["template"]["spec"]["containers"][0]["name"],
+        "Bad_Name"
+    );
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    let errors = errors_sent(status_rx.recv().await.unwrap());
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].route, "upper");
+    assert!(
+        errors[0]
+            .problem
+            .starts_with("the API server refuses its Job: Job.batch"),
+        "{}",
+        errors[0].problem
+    );
+    assert!(errors[0].problem.contains("Bad_Name"));
+
+    // Checked once per generation: the next reconcile asks nothing.
+    let r = handler::reconcile(handler.clone(), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(r, Action::await_change());
+    no_more_requests(&mut h).await;
+    assert_eq!(errors_sent(status_rx.recv().await.unwrap()).len(), 1);
+
+    // The state writer turns it into Ready=False with that message.
+    let mut book = serf_operator::status::StatusBook::default();
+    book.sync_handler(&handler, &errors, "2026-12-04T02:00:00Z");
+    let ready = book
+        .get("apps", "web")
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidRoutes")
+    );
+    assert!(
+        ready
+            .message
+            .contains("route upper: the API server refuses its Job")
+    );
+
+    // A new generation where the operator may not create Jobs: named as such.
+    let mut next = (*handler).clone();
+    next.metadata.generation = Some(4);
+    next.spec.routes.truncate(1);
+    let task = tokio::spawn(handler::reconcile(Arc::new(next), ctx.clone()));
+    expect_dry_run(
+        &mut h,
+        403,
+        api_status(
+            403,
+            "Forbidden",
+            "jobs.batch is forbidden: User \"system:serviceaccount:serf-system:serf-operator\" cannot create resource \"jobs\"",
+        ),
+    )
+    .await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    let errors = errors_sent(status_rx.recv().await.unwrap());
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].problem.starts_with(
+            "the operator may not create Jobs in namespace apps: jobs.batch is forbidden"
+        ),
+        "{}",
+        errors[0].problem
+    );
+}
+
 #[tokio::test]
 async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
     let (client, mut h) = mock();
@@ -338,7 +517,20 @@ async fn a_handler_reports_ready_and_prunes_only_after_the_ledger_records() {
     let handler: Arc<SerfHandler> = Arc::new(serde_json::from_str(HANDLER).unwrap());
 
     let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
-    // The ledger is read first: one list of the handler's ConfigMaps, of which only its
+    // The valid route's Job template is checked first, by a dry-run create of its Job.
+    let sample = expect_dry_run(
+        &mut h,
+        201,
+        json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "serf-dry-run-x7k2p", "namespace": "apps"}}),
+    )
+    .await;
+    assert_eq!(sample["metadata"]["generateName"], "serf-dry-run-");
+    assert_eq!(
+        sample["metadata"]["labels"]["serf.operator.io/route"], "deploy",
+        "{sample}"
+    );
+    // Then the ledger is read: one list of the handler's ConfigMaps, of which only its
     // segments count.
     let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
         .await
@@ -562,6 +754,12 @@ async fn job_outcomes_are_reported_into_serf_once() {
     );
 
     let task = tokio::spawn(handler::reconcile(handler.clone(), ctx.clone()));
+    let sample = expect_dry_run(&mut h, 201, json!({})).await;
+    // The sample carries what a reporting route's Jobs carry.
+    assert_eq!(
+        sample["metadata"]["annotations"]["serf.operator.io/report"],
+        "pending"
+    );
     // Answer every annotation patch; collect them by Job.
     let mut patches: Vec<(String, String)> = Vec::new();
     while patches.len() < 3 {

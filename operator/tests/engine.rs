@@ -160,7 +160,7 @@ fn web_handler_deploys_on_its_role_only() {
     let l = launches(&o);
     assert_eq!(l.len(), 1);
     let job = &l[0].job;
-    assert_eq!(job.metadata.namespace.as_deref(), Some("apps"));
+    assert_eq!(job.metadata.namespace.as_deref(), Some("serf-examples"));
     assert!(
         job.metadata
             .name
@@ -501,7 +501,7 @@ fn concurrency_policies() {
     let mut engine = Engine::new(&handlers, Membership::default());
     let mut active: BTreeMap<(String, String, String), Vec<String>> = BTreeMap::new();
     active.insert(
-        ("apps".into(), "web".into(), "deploy".into()),
+        ("serf-examples".into(), "web".into(), "deploy".into()),
         vec!["web-deploy-old".into()],
     );
     let o = route_with(

@@ -56,6 +56,31 @@ impl TempNamespace {
     }
 }
 
+impl TempNamespace {
+    /// Takes charge of the namespace `name`, made by someone else (e.g. `kubectl apply`):
+    /// deleted on drop like one this crate created. A namespace of that name left by an
+    /// earlier run is deleted first (waiting at most 120 s until it is gone).
+    ///
+    /// # Errors
+    /// The API error, or the old namespace still there after 120 s.
+    pub async fn adopt(client: &Client, name: &str) -> anyhow::Result<TempNamespace> {
+        let api: Api<Namespace> = Api::all(client.clone());
+        if api.get_opt(name).await?.is_some() {
+            eprintln!("namespace {name} exists (an earlier run?): deleting it first");
+            let _ = api.delete(name, &DeleteParams::background()).await;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while api.get_opt(name).await?.is_some() {
+                anyhow::ensure!(Instant::now() < deadline, "namespace {name} is not gone");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Ok(TempNamespace {
+            name: name.to_string(),
+            client: client.clone(),
+        })
+    }
+}
+
 impl Drop for TempNamespace {
     fn drop(&mut self) {
         if std::env::var_os("SERF_E2E_KEEP").is_some() {
@@ -230,17 +255,24 @@ impl OperatorProcess {
 
     /// Sends SIGTERM and waits for the exit (at most 20 s); returns whether it exited 0.
     pub fn terminate(&mut self) -> bool {
+        self.terminate_timed().is_some()
+    }
+
+    /// Sends SIGTERM and waits for the exit (at most 20 s); returns the time from the signal
+    /// to the exit when it exited 0.
+    pub fn terminate_timed(&mut self) -> Option<Duration> {
         let pid = self.child.id().to_string();
+        let start = Instant::now();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = start + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
+                return status.success().then(|| start.elapsed());
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(10));
         }
         let _ = self.child.kill();
-        false
+        None
     }
 }
 

@@ -12,7 +12,8 @@
 //! whose join address does not answer starts anyway (no crash loop), is not Ready, and is
 //! Ready once the address answers; with exactly the chart's RBAC, a user event becomes a Job
 //! and the handler's launch ledger records it. A second test rotates the gossip keys of a
-//! Serf cluster of four from the Secret (see its doc).
+//! Serf cluster of four from the Secret (see its doc); a third installs two releases side
+//! by side in one namespace (see its doc).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -518,9 +519,20 @@ fn copy_chart_without_crds(from: &Path, to: &Path) {
 }
 
 async fn helm(python: &Path, chart: &Path, op: &str, ns: &str, values: &serde_json::Value) {
+    helm_release(python, chart, op, ns, RELEASE, values).await;
+}
+
+async fn helm_release(
+    python: &Path,
+    chart: &Path,
+    op: &str,
+    ns: &str,
+    release: &str,
+    values: &serde_json::Value,
+) {
     use tokio::io::AsyncWriteExt as _;
     let args = serde_json::json!({
-        "op": op, "chart": chart, "release": RELEASE, "namespace": ns, "values": values,
+        "op": op, "chart": chart, "release": release, "namespace": ns, "values": values,
     });
     let mut child = tokio::process::Command::new(python)
         .args(["-c", HELM])
@@ -557,7 +569,12 @@ fn restarts(p: &Pod) -> i32 {
 
 /// The release's pods not being deleted.
 async fn live_pods(pods: &Api<Pod>) -> Vec<Pod> {
-    pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}")))
+    live_pods_of(pods, RELEASE).await
+}
+
+/// The pods of `release` not being deleted.
+async fn live_pods_of(pods: &Api<Pod>, release: &str) -> Vec<Pod> {
+    pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}")))
         .await
         .unwrap()
         .items
@@ -763,7 +780,7 @@ async fn the_chart_rotates_the_gossip_keys_of_the_whole_cluster() {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let data = configmaps
-                    .get_opt("serf-operator-keyring")
+                    .get_opt(&format!("{RELEASE}-keyring"))
                     .await
                     .unwrap()
                     .and_then(|c| c.data)
@@ -789,7 +806,7 @@ async fn the_chart_rotates_the_gossip_keys_of_the_whole_cluster() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let data = configmaps
-            .get_opt("serf-operator-keyring")
+            .get_opt(&format!("{RELEASE}-keyring"))
             .await
             .unwrap()
             .and_then(|c| c.data)
@@ -943,4 +960,257 @@ async fn http_get(addr: &str, path: &str) -> String {
     })
     .await
     .unwrap()
+}
+
+/// Two releases of the chart in one namespace, each watching a handler namespace of its own,
+/// each electing its leader: each keeps its state under its own name (ConfigMap
+/// `<release>-membership`, Lease `<release>`), and nothing under the default prefix; a user
+/// event launches one Job in each handler namespace; uninstalling one leaves the other
+/// launching, and takes its own state objects with it (garbage-collected with its
+/// Deployment), none of the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_releases_side_by_side_in_one_namespace() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some(client) = cluster_or_skip(SUITE).await else {
+        return;
+    };
+    let Some(image) = local_node_with_image_or_skip(&client).await else {
+        return;
+    };
+    let Some(python) = helm_python_or_skip().await else {
+        return;
+    };
+    install_crds(&client).await.unwrap();
+    let ns_guard = TempNamespace::create(&client, "releases").await.unwrap();
+    let ns = ns_guard.name.clone();
+    wait_for_default_service_account(&client, &ns)
+        .await
+        .unwrap();
+    let work = std::env::temp_dir().join(format!("serf-e2e-releases-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let chart = work.join("serf-operator");
+    copy_chart_without_crds(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/serf-operator"),
+        &chart,
+    );
+    let outside = Agent::start(AgentConfig::new("e2e-releases-outside"), &[]).unwrap();
+    let (repository, tag) = image.rsplit_once(':').unwrap();
+    let mut handler_ns = Vec::new();
+    let mut guards = Vec::new();
+    for release in ["blue", "green"] {
+        let g = TempNamespace::create(&client, release).await.unwrap();
+        wait_for_default_service_account(&client, &g.name)
+            .await
+            .unwrap();
+        let handlers: Api<SerfHandler> = Api::namespaced(client.clone(), &g.name);
+        let handler = serde_json::json!({
+            "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfHandler",
+            "metadata": {"name": "go", "namespace": g.name},
+            "spec": {"routes": [{"name": "go", "events": "user:side-by-side", "job": {"spec": {
+                "template": {"spec": {"restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}}}}}]}
+        });
+        handlers
+            .patch(
+                "go",
+                &PatchParams::apply("e2e").force(),
+                &Patch::Apply(&handler),
+            )
+            .await
+            .unwrap();
+        handler_ns.push(g.name.clone());
+        guards.push(g);
+        let free = || serf_testkit::free_port().unwrap();
+        let mut extra_env = api_server_env().await;
+        // One replica that still elects itself: the Lease is in use.
+        extra_env
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"name": "SERF_OPERATOR_LEADER_ELECT", "value": "true"}));
+        let values = serde_json::json!({
+            "image": {"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"},
+            "watchNamespaces": [handler_ns.last().unwrap()],
+            "hostNetwork": true,
+            "tolerations": [{"operator": "Exists"}],
+            "serf": {
+                "join": [outside.bind_addr().to_string()],
+                "retryInterval": "1s",
+                "bindAddr": "127.0.0.1",
+                "bindPort": free(),
+                "advertiseAddr": "127.0.0.1",
+                "rpcPort": free(),
+                "role": release,
+            },
+            "operator": {"logFormat": "text", "extraEnv": extra_env},
+            "metrics": {"port": free()},
+        });
+        helm_release(&python, &chart, "install", &ns, release, &values).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let ready_of = |release: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let list = live_pods_of(&pods, release).await;
+                if let Some(p) = list.iter().find(|p| {
+                    p.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with(release))
+                        && is_ready(p)
+                }) {
+                    return p.metadata.name.clone().unwrap();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{release} not Ready:\n{}",
+                    describe(&list)
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let blue_pod = ready_of("blue").await;
+    let green_pod = ready_of("green").await;
+
+    // Each release's own state objects; none under the default prefix.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    for (release, pod) in [("blue", &blue_pod), ("green", &green_pod)] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let cm = cms.get_opt(&format!("{release}-membership")).await.unwrap();
+            let holder = leases
+                .get_opt(release)
+                .await
+                .unwrap()
+                .and_then(|l| l.spec?.holder_identity);
+            if cm.is_some() && holder.as_deref() == Some(pod.as_str()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{release}: membership record {} / Lease holder {holder:?} (want {pod})",
+                cm.is_some()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    assert!(
+        cms.get_opt("serf-operator-membership")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(leases.get_opt("serf-operator").await.unwrap().is_none());
+
+    // One user event: one Job in each release's handler namespace.
+    let serf = serf_client::Client::connect(serf_client::ClientConfig::new(
+        outside.rpc_addr().to_string(),
+    ))
+    .await
+    .unwrap();
+    let count = |ns: String| {
+        let client = client.clone();
+        async move {
+            Api::<Job>::namespaced(client, &ns)
+                .list(&ListParams::default().labels("serf.operator.io/handler=go"))
+                .await
+                .unwrap()
+                .items
+                .len()
+        }
+    };
+    let fire_until = |want: [usize; 2], payload: &'static str| {
+        let serf = serf.clone();
+        let (a, b) = (handler_ns[0].clone(), handler_ns[1].clone());
+        let count = &count;
+        async move {
+            serf.event("side-by-side", payload.as_bytes(), false)
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let got = [count(a.clone()).await, count(b.clone()).await];
+                if got == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "Jobs {got:?}, want {want:?}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    fire_until([1, 1], "one").await;
+
+    // Uninstall green: blue goes on, green's handler namespace gets nothing more.
+    let values = serde_json::json!({});
+    helm_release(&python, &chart, "uninstall", &ns, "green", &values).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while live_pods(&pods).await.iter().any(|p| {
+        p.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("green"))
+    }) {
+        assert!(Instant::now() < deadline, "green's pod still there");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    fire_until([2, 1], "two").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count(handler_ns[1].clone()).await, 1);
+    assert!(cms.get_opt("blue-membership").await.unwrap().is_some());
+    // Green's state objects went with its Deployment (owner references, garbage collector);
+    // blue's stay.
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(60);
+    loop {
+        let cm = cms.get_opt("green-membership").await.unwrap();
+        let lease = leases.get_opt("green").await.unwrap();
+        if cm.is_none() && lease.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "green's state left after uninstall: membership {} Lease {}",
+            cm.is_some(),
+            lease.is_some()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let gone = t.elapsed();
+    assert!(leases.get_opt("blue").await.unwrap().is_some());
+    eprintln!(
+        "\ntwo releases in {ns}: blue ({blue_pod}) and green ({green_pod}) Ready, each with its \
+         own membership record and Lease; one event → one Job each; green uninstalled → \
+         blue launched the next, green's namespace nothing\n"
+    );
+    eprintln!(
+        "green's membership record and Lease gone {:.1} s after the uninstall returned",
+        gone.as_secs_f64()
+    );
+    helm_release(&python, &chart, "uninstall", &ns, "blue", &values).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .any(|c| {
+            c.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("blue-"))
+        })
+        || leases.get_opt("blue").await.unwrap().is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "blue's state left after uninstall"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(guards);
+    let _ = std::fs::remove_dir_all(&work);
 }

@@ -16,7 +16,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "serf-operator.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{ with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end -}}
 
 {{/* The agent's RPC address: loopback of the pod (of the node with hostNetwork). */}}
@@ -24,10 +24,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 127.0.0.1:{{ .Values.serf.rpcPort }}
 {{- end -}}
 
-{{/* The address other members reach the agent at: serf.advertiseAddr (host, or host:port),
-or the pod's IP; the port is serf.bindPort unless given. */}}
+{{/* The address other members reach the agent at: with serf.gossipService of type NodePort,
+the node's IP and the nodePort; of type LoadBalancer, its advertiseAddr and serf.bindPort;
+else serf.advertiseAddr (host, or host:port), or the pod's IP; the port is serf.bindPort
+unless given. */}}
 {{- define "serf-operator.advertise" -}}
+{{- $g := .Values.serf.gossipService -}}
 {{- $a := .Values.serf.advertiseAddr | default "$(POD_IP)" -}}
+{{- if and $g.enabled (eq $g.type "NodePort") -}}
+{{- $a = printf "$(HOST_IP):%v" $g.nodePort -}}
+{{- else if $g.enabled -}}
+{{- $a = $g.advertiseAddr -}}
+{{- end -}}
 {{- if regexMatch ":[0-9]+$" $a -}}
 {{ $a }}
 {{- else -}}
@@ -70,4 +78,11 @@ or the pod's IP; the port is serf.bindPort unless given. */}}
   resources: {{ toJson .resources }}
   verbs: ["get", "list", "watch"]
 {{- end }}
+{{- end -}}
+
+{{/* Prefix of the operator's state objects in the release's namespace (ConfigMaps
+PREFIX-membership, PREFIX-pending-launches, PREFIX-keyring; the Lease PREFIX): operator.statePrefix,
+or the release's name, so that two releases in one namespace keep apart. */}}
+{{- define "serf-operator.statePrefix" -}}
+{{- .Values.operator.statePrefix | default (include "serf-operator.name" .) -}}
 {{- end -}}

@@ -1,5 +1,6 @@
 //! The SerfHandler controller: on every spec change (and whenever a Job it owns finishes)
-//! it validates the handler's routes, hands Ready and `observedGeneration` to the state
+//! it validates the handler's routes (on the leader, each Job template also by a dry-run
+//! create), hands Ready and `observedGeneration` to the state
 //! writer, and, on the leader, prunes finished Jobs beyond the history limits, each only
 //! once the launch ledger records it (so its event cannot launch it again).
 
@@ -26,8 +27,9 @@ use crate::ledger;
 use crate::report;
 use crate::state::StatusMsg;
 
-/// A handler's route errors and the generation they were found at.
-pub type Validated = (Option<i64>, Vec<crate::engine::RouteError>);
+/// A handler's route errors, the generation they were found at, and whether its Job
+/// templates were checked with the API server too.
+pub type Validated = (Option<i64>, Vec<crate::engine::RouteError>, bool);
 
 /// What every handler reconcile shares.
 pub struct HandlerContext {
@@ -126,25 +128,50 @@ pub fn beyond_history(h: &SerfHandler, jobs: &[Arc<Job>]) -> Vec<String> {
 /// A ledger read or a Job deletion the API server refused or did not answer.
 pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<Action, Error> {
     // Its routes are validated once per generation (a Job's change triggers this too); the
-    // result goes to the state writer every time, which writes only what changed.
+    // result goes to the state writer every time, which writes only what changed. The
+    // leader also checks each Job template with a dry-run create.
+    let leader = *ctx.leader.borrow();
     let version = (h.metadata.uid.clone(), h.metadata.generation);
     let cached = ctx.validated.lock().ok().and_then(|m| {
         m.get(&version.0)
-            .filter(|(g, _)| *g == version.1)
-            .map(|(_, e)| e.clone())
+            .filter(|(g, _, checked)| *g == version.1 && (*checked || !leader))
+            .map(|(_, e, _)| e.clone())
     });
+    let mut check_again = false;
     let errors = match cached {
         Some(errors) => errors,
         None => {
-            let errors: Vec<_> = Router::new(std::slice::from_ref(&*h))
+            let mut errors: Vec<_> = Router::new(std::slice::from_ref(&*h))
                 .errors()
                 .cloned()
                 .collect();
+            let mut checked = false;
+            if leader {
+                match super::dryrun::check(&ctx.client, &h, &errors, ctx.call_timeout).await {
+                    Ok(refused) => {
+                        checked = true;
+                        for e in &refused {
+                            ctx.sinks.notify(
+                                "SerfHandler",
+                                &HandlerRef::of(&h),
+                                Severity::Warning,
+                                "JobTemplateRefused",
+                                format!("route {}: {}", e.route, e.problem),
+                            );
+                        }
+                        errors.extend(refused);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot check the Job templates; trying again in 5 s");
+                        check_again = true;
+                    }
+                }
+            }
             for e in &errors {
                 tracing::warn!("{e}");
             }
             if let Ok(mut m) = ctx.validated.lock() {
-                m.insert(version.0, (version.1, errors.clone()));
+                m.insert(version.0, (version.1, errors.clone(), checked));
             }
             errors
         }
@@ -156,6 +183,22 @@ pub async fn reconcile(h: Arc<SerfHandler>, ctx: Arc<HandlerContext>) -> Result<
             errors,
         })
         .await;
+    let action = lead(&h, &ctx).await?;
+    Ok(if check_again {
+        Action::requeue(Duration::from_secs(5))
+    } else {
+        action
+    })
+}
+
+/// The leader's part of a reconcile: report finished Jobs' outcomes, prune beyond the
+/// history limits.
+///
+/// # Errors
+/// A ledger read or a Job deletion the API server refused or did not answer.
+async fn lead(h: &Arc<SerfHandler>, ctx: &Arc<HandlerContext>) -> Result<Action, Error> {
+    let h = h.clone();
+    let ctx = ctx.clone();
     if !*ctx.leader.borrow() {
         return Ok(Action::await_change());
     }

@@ -1,7 +1,7 @@
 //! The key rotation controller: watches the one Secret holding the gossip keyring (the
 //! chart's `serf.encryptKeySecret`) and, on the leader only, brings the whole Serf cluster
 //! to it through the agent ([`crate::keyring::rotate`]), recording each step first in the
-//! ConfigMap [`crate::keyring::STATE_CONFIGMAP`]. Every step is an Event on the Secret; each
+//! ConfigMap [`crate::objects::keyring_record`]. Every step is an Event on the Secret; each
 //! rotation that ends counts once in `serf_operator_key_rotations_total{result}`. The cluster
 //! is checked again every `recheck` while in sync, and every few seconds while a step waits.
 

@@ -1,10 +1,12 @@
 //! The level-triggered work, on kube-runtime [`Controller`](kube::runtime::Controller)s
 //! gated by the Lease: [`trigger`] fires SerfEventTriggers; [`handler`] keeps each
-//! SerfHandler's Ready condition and `observedGeneration`, and prunes its finished Jobs;
+//! SerfHandler's Ready condition and `observedGeneration` (its Job templates checked by
+//! [`dryrun`]), and prunes its finished Jobs;
 //! [`keyring`] rotates the Serf cluster's gossip keys to the keyring Secret.
 //! Each reconcile runs in a span naming its object; failures go to `error_policy`, which
 //! backs off per object.
 
+pub mod dryrun;
 pub mod handler;
 pub mod keyring;
 pub mod trigger;

@@ -18,9 +18,6 @@ use std::fmt;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
-/// The ConfigMap (in the operator's namespace) holding the rotation's record and status.
-pub const STATE_CONFIGMAP: &str = "serf-operator-keyring";
-
 /// The Secret's entry with the primary key (the one the chart has always read).
 pub const PRIMARY_ENTRY: &str = "key";
 /// The Secret's optional entry with more keys to keep installed.

@@ -159,6 +159,7 @@ impl RecordStore for ConfigMapStore {
         if let Some(v) = version {
             meta["resourceVersion"] = json!(v);
         }
+        crate::objects::add_owner(&mut meta);
         let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data});
         let pp = kube::api::PatchParams::apply(crate::ledger::FIELD_MANAGER).force();
         let cm = crate::error::kube_call(
