@@ -587,14 +587,29 @@ impl Runner {
         ev: &serf_operator_crds::TriggerEvent,
         state: &mut State,
     ) -> bool {
+        use tracing::Instrument as _;
+        // Instrumented, not entered: a span entered across an await is left on whatever
+        // thread the task resumes on.
+        let span = tracing::info_span!("watch-fire", object = k);
+        self.fire_in_span(k, obj, c, ev, state)
+            .instrument(span)
+            .await
+    }
+
+    async fn fire_in_span(
+        &mut self,
+        k: &str,
+        obj: &Value,
+        c: &Compiled,
+        ev: &serf_operator_crds::TriggerEvent,
+        state: &mut State,
+    ) -> bool {
         let Some(serf) = self.serf.borrow().clone() else {
             tracing::debug!(object = k, "no agent connection; the firing waits");
             return false;
         };
         let fp = fingerprint(c, obj);
         let payload = render(c, obj);
-        let span = tracing::info_span!("watch-fire", object = k);
-        let _g = span.enter();
         state.objects.insert(
             k.to_string(),
             Seen {

@@ -9,6 +9,7 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use serf_operator_crds::SerfHandler;
+use tracing::Instrument as _;
 
 use crate::engine::RouteError;
 use crate::error::{Category, Error, kube_call};
@@ -113,12 +114,12 @@ pub async fn check(
     let mut refused = Vec::new();
     for (route, job) in sample_jobs(h, known) {
         let span = tracing::debug_span!("dry_run", handler = %href, route = %route);
-        let _g = span.enter();
         match kube_call(
             "check the route's Job template (dry-run create)",
             call_timeout,
             api.create(&pp, &job),
         )
+        .instrument(span)
         .await
         {
             Ok(_) => {}

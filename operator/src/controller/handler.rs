@@ -16,6 +16,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client};
 use serf_operator_crds::SerfHandler;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 
 use crate::dispatch::{RouteEvent, Severity};
 use crate::effects::{SharedLedger, Sinks};
@@ -293,72 +294,78 @@ async fn report_outcomes(
             let (ok, reason) = report::outcome(j).unwrap_or((false, String::new()));
             let outcome = if ok { "Succeeded" } else { "Failed" }.to_string();
             let span = tracing::info_span!("report", job = %name, route = %route.name);
-            let _g = span.enter();
-            match report::step(j, sent_here.as_deref()) {
-                report::Step::Nothing => {
-                    if sent_here.is_some()
-                        && !report::outstanding(j)
-                        && let Ok(mut m) = ctx.reported.lock()
-                    {
-                        m.remove(&key);
-                    }
-                }
-                report::Step::WriteResult(result) => {
-                    report::mark(&ctx.client, j, &result, ctx.call_timeout).await?;
-                }
-                report::Step::Interrupted => {
-                    report::mark(&ctx.client, j, "Interrupted", ctx.call_timeout).await?;
-                    if let Ok(mut m) = ctx.reported.lock() {
-                        m.insert(key, "Interrupted".into());
-                    }
-                    let message = "the operator stopped between recording this report and sending it; it is not sent again".to_string();
-                    tracing::warn!("{message}");
-                    reported(
-                        ctx,
-                        &href,
-                        route,
-                        rep,
-                        &name,
-                        &outcome,
-                        "Interrupted",
-                        Some(message),
-                    );
-                }
-                report::Step::Send => {
-                    let Some(serf) = ctx.serf.borrow().clone() else {
-                        no_agent = true;
-                        continue;
-                    };
-                    let (payload, fits) = report::payload(rep, j, ok, &reason);
-                    // Recorded before it is sent: a restart in between shows Interrupted.
-                    report::mark(&ctx.client, j, "sending", ctx.call_timeout).await?;
-                    let (result, message) = if !fits {
-                        (
-                            "TooLarge",
-                            Some(format!(
-                                "event {} with a {}-byte payload is over Serf's {} bytes; not sent",
-                                rep.event,
-                                payload.len(),
-                                report::USER_EVENT_LIMIT
-                            )),
-                        )
-                    } else {
-                        match serf
-                            .event(&rep.event, &payload, rep.coalesce.unwrap_or(false))
-                            .await
+            // Instrumented, not entered: a span entered across an await is left on
+            // whatever thread the task resumes on.
+            let waits = async {
+                match report::step(j, sent_here.as_deref()) {
+                    report::Step::Nothing => {
+                        if sent_here.is_some()
+                            && !report::outstanding(j)
+                            && let Ok(mut m) = ctx.reported.lock()
                         {
-                            Ok(()) => ("Sent", None),
-                            Err(e) => ("SendFailed", Some(e.to_string())),
+                            m.remove(&key);
                         }
-                    };
-                    if let Ok(mut m) = ctx.reported.lock() {
-                        m.insert(key, result.into());
                     }
-                    tracing::info!(result, event = %rep.event, "Job outcome reported");
-                    reported(ctx, &href, route, rep, &name, &outcome, result, message);
-                    report::mark(&ctx.client, j, result, ctx.call_timeout).await?;
+                    report::Step::WriteResult(result) => {
+                        report::mark(&ctx.client, j, &result, ctx.call_timeout).await?;
+                    }
+                    report::Step::Interrupted => {
+                        report::mark(&ctx.client, j, "Interrupted", ctx.call_timeout).await?;
+                        if let Ok(mut m) = ctx.reported.lock() {
+                            m.insert(key, "Interrupted".into());
+                        }
+                        let message = "the operator stopped between recording this report and sending it; it is not sent again".to_string();
+                        tracing::warn!("{message}");
+                        reported(
+                            ctx,
+                            &href,
+                            route,
+                            rep,
+                            &name,
+                            &outcome,
+                            "Interrupted",
+                            Some(message),
+                        );
+                    }
+                    report::Step::Send => {
+                        let Some(serf) = ctx.serf.borrow().clone() else {
+                            return Ok(true);
+                        };
+                        let (payload, fits) = report::payload(rep, j, ok, &reason);
+                        // Recorded before it is sent: a restart in between shows Interrupted.
+                        report::mark(&ctx.client, j, "sending", ctx.call_timeout).await?;
+                        let (result, message) = if !fits {
+                            (
+                                "TooLarge",
+                                Some(format!(
+                                    "event {} with a {}-byte payload is over Serf's {} bytes; not sent",
+                                    rep.event,
+                                    payload.len(),
+                                    report::USER_EVENT_LIMIT
+                                )),
+                            )
+                        } else {
+                            match serf
+                                .event(&rep.event, &payload, rep.coalesce.unwrap_or(false))
+                                .await
+                            {
+                                Ok(()) => ("Sent", None),
+                                Err(e) => ("SendFailed", Some(e.to_string())),
+                            }
+                        };
+                        if let Ok(mut m) = ctx.reported.lock() {
+                            m.insert(key, result.into());
+                        }
+                        tracing::info!(result, event = %rep.event, "Job outcome reported");
+                        reported(ctx, &href, route, rep, &name, &outcome, result, message);
+                        report::mark(&ctx.client, j, result, ctx.call_timeout).await?;
+                    }
                 }
+                Ok::<bool, Error>(false)
             }
+            .instrument(span)
+            .await?;
+            no_agent |= waits;
         }
     }
     Ok(no_agent)
