@@ -116,14 +116,6 @@ pub fn lease() -> String {
     prefix().to_string()
 }
 
-/// Every state object's name: ConfigMaps, then the Lease.
-pub fn all() -> (Vec<String>, String) {
-    (
-        vec![membership(), pending_launches(), keyring_record()],
-        lease(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

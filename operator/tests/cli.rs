@@ -465,8 +465,6 @@ fn run_refuses_an_invalid_state_prefix() {
     let out = bin()
         .args(["run", "--state-prefix", "Blue_1"])
         .env_remove("SERF_OPERATOR_STATE_PREFIX")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -37,15 +37,13 @@ fn mock() -> (Client, Handle) {
     (Client::new(svc, "default"), handle)
 }
 
-/// Expects one request: checks method and path, answers `code` with `reply`, returns the
-/// request body.
-async fn expect(h: &mut Handle, method: Method, path: &str, code: u16, reply: Value) -> Value {
+/// Takes the next request, answers `code` with `reply`; returns its method, URI and body.
+async fn answer(h: &mut Handle, code: u16, reply: Value) -> (Method, http::Uri, Value) {
     let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
         .await
         .expect("a request")
         .expect("service not called");
-    assert_eq!(req.method(), method, "{}", req.uri());
-    assert_eq!(req.uri().path(), path);
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     let body = req.into_body().collect_bytes().await.unwrap();
     send.send_response(
         Response::builder()
@@ -53,7 +51,20 @@ async fn expect(h: &mut Handle, method: Method, path: &str, code: u16, reply: Va
             .body(Body::from(serde_json::to_vec(&reply).unwrap()))
             .unwrap(),
     );
-    serde_json::from_slice(&body).unwrap_or(Value::Null)
+    (
+        method,
+        uri,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// Expects one request: checks method and path, answers `code` with `reply`, returns the
+/// request body.
+async fn expect(h: &mut Handle, method: Method, path: &str, code: u16, reply: Value) -> Value {
+    let (m, uri, body) = answer(h, code, reply).await;
+    assert_eq!(m, method, "{uri}");
+    assert_eq!(uri.path(), path);
+    body
 }
 
 async fn no_more_requests(h: &mut Handle) {
@@ -67,25 +78,14 @@ async fn no_more_requests(h: &mut Handle) {
 /// Expects the dry-run create of a route's sample Job in `apps`; answers `code` with
 /// `reply`, returns the Job sent.
 async fn expect_dry_run(h: &mut Handle, code: u16, reply: Value) -> Value {
-    let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
-        .await
-        .expect("a request")
-        .expect("service not called");
-    assert_eq!(req.method(), Method::POST, "{}", req.uri());
-    assert_eq!(req.uri().path(), "/apis/batch/v1/namespaces/apps/jobs");
+    let (m, uri, body) = answer(h, code, reply).await;
+    assert_eq!(m, Method::POST, "{uri}");
+    assert_eq!(uri.path(), "/apis/batch/v1/namespaces/apps/jobs");
     assert!(
-        req.uri().query().unwrap_or_default().contains("dryRun=All"),
-        "{}",
-        req.uri()
+        uri.query().unwrap_or_default().contains("dryRun=All"),
+        "{uri}"
     );
-    let body = req.into_body().collect_bytes().await.unwrap();
-    send.send_response(
-        Response::builder()
-            .status(code)
-            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-            .unwrap(),
-    );
-    serde_json::from_slice(&body).unwrap()
+    body
 }
 
 const TSTATUS: &str = "/apis/serf.operator.io/v1alpha1/namespaces/apps/serfeventtriggers/t/status";

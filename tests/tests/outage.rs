@@ -62,24 +62,28 @@ async fn nothing_is_lost_while_the_api_server_hangs_or_is_down() {
     op.wait_for(Duration::from_secs(20), "2 members", |ms| ms.len() == 2)
         .unwrap();
     let metrics = serf_testkit::free_port().unwrap();
-    let mut operator = OperatorProcess::start(
-        &[
-            "--namespaces",
-            &ns,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-            "--api-timeout",
-            "2",
-        ],
-        &[
-            ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
-            ("POD_NAMESPACE", ns.clone()),
-            ("KUBECONFIG", kubeconfig.display().to_string()),
-            ("RUST_LOG", "info,serf_operator=debug".to_string()),
-        ],
-        log.clone(),
-    )
-    .unwrap();
+    // The operator reaches the API server through the proxy, with a 2 s call timeout.
+    let start_operator = || {
+        OperatorProcess::start(
+            &[
+                "--namespaces",
+                &ns,
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics}"),
+                "--api-timeout",
+                "2",
+            ],
+            &[
+                ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
+                ("POD_NAMESPACE", ns.clone()),
+                ("KUBECONFIG", kubeconfig.display().to_string()),
+                ("RUST_LOG", "info,serf_operator=debug".to_string()),
+            ],
+            log.clone(),
+        )
+        .unwrap()
+    };
+    let mut operator = start_operator();
     eventually("/readyz", Duration::from_secs(60), || async {
         http_get(metrics, "/readyz").await.map(|_| ())
     })
@@ -158,24 +162,7 @@ async fn nothing_is_lost_while_the_api_server_hangs_or_is_down() {
 
     // Stopping while the API server hangs with creates queued: the drain waits at most 10 s,
     // the handover of what is left cannot be written either; the exit is still bounded.
-    let mut operator = OperatorProcess::start(
-        &[
-            "--namespaces",
-            &ns,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-            "--api-timeout",
-            "2",
-        ],
-        &[
-            ("SERF_RPC_ADDR", op.rpc_addr().to_string()),
-            ("POD_NAMESPACE", ns.clone()),
-            ("KUBECONFIG", kubeconfig.display().to_string()),
-            ("RUST_LOG", "info,serf_operator=debug".to_string()),
-        ],
-        log.clone(),
-    )
-    .unwrap();
+    let mut operator = start_operator();
     eventually("/readyz again", Duration::from_secs(60), || async {
         http_get(metrics, "/readyz").await.map(|_| ())
     })
