@@ -435,22 +435,40 @@ impl<E: Effects> Dispatcher<E> {
     async fn catch_up_members(&mut self, c: &serf_client::Client) {
         match c.members().await {
             Ok(current) => {
-                for ev in self
+                let started = Instant::now();
+                let missed = self
                     .engine
                     .membership()
-                    .diff(&current, crate::ledger::unix_now())
-                {
+                    .diff(&current, crate::ledger::unix_now());
+                let (events, members) = (
+                    missed.len(),
+                    missed.iter().map(|e| e.members.len()).sum::<usize>(),
+                );
+                for ev in missed {
                     let ev = Event::Member(ev);
                     let key = crate::engine::describe(&ev).1;
                     let span = tracing::info_span!("event", event = %key, replayed = true);
                     async {
-                        tracing::info!("replaying a missed member event");
+                        tracing::info!(
+                            members = match &ev {
+                                Event::Member(m) => m.members.len(),
+                                _ => 0,
+                            },
+                            "replaying a missed member event"
+                        );
                     }
                     .instrument(span.clone())
                     .await;
                     self.event(&ev, Instant::now(), true).instrument(span).await;
                 }
                 self.publish_membership();
+                tracing::info!(
+                    agent_members = current.len(),
+                    events,
+                    members,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "membership caught up with the agent"
+                );
             }
             Err(e) => tracing::warn!(error = %e, "cannot list the agent's members"),
         }

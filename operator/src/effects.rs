@@ -213,6 +213,10 @@ impl Effects for KubeEffects {
     }
 
     fn record_changed(&mut self, changes: RecordChanges) {
+        self.sinks
+            .metrics
+            .members_changed
+            .inc_by(changes.members.len() as u64);
         if let Ok(mut r) = self.record.lock() {
             r.extend(changes);
         }
