@@ -398,9 +398,13 @@ def until(cond, within=10.0):
         time.sleep(0.2)
 
 
-def test_the_chart_carries_both_crds():
+def test_the_chart_carries_every_crd():
     on_disk = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
-    assert on_disk == ["serfeventtriggers.serf.operator.io.yaml", "serfhandlers.serf.operator.io.yaml"]
+    assert on_disk == [
+        "serfeventtriggers.serf.operator.io.yaml",
+        "serfhandlers.serf.operator.io.yaml",
+        "serfservices.serf.operator.io.yaml",
+    ]
     for p in (CHART / "crds").glob("*.yaml"):
         crd = yaml.safe_load(p.read_text())
         assert crd["kind"] == "CustomResourceDefinition"

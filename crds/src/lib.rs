@@ -1,9 +1,10 @@
-//! The API of serf-operator: `SerfHandler` and `SerfEventTrigger`, group `serf.operator.io`,
-//! version `v1alpha1`, and their CustomResourceDefinitions.
+//! The API of serf-operator: `SerfHandler`, `SerfEventTrigger` and `SerfService`, group
+//! `serf.operator.io`, version `v1alpha1`, and their CustomResourceDefinitions.
 #![warn(missing_docs)]
 
 pub mod handler;
 pub mod schema;
+pub mod service;
 pub mod trigger;
 
 pub use handler::{
@@ -12,6 +13,9 @@ pub use handler::{
     SerfHandlerSpec, SerfHandlerStatus,
 };
 pub use schema::JobTemplate;
+pub use service::{
+    MemberSelector, Protocol, Publish, SerfService, SerfServiceSpec, SerfServiceStatus, ServicePort,
+};
 pub use trigger::{
     Firing, QueryResponse, QueryResult, SerfEventTrigger, SerfEventTriggerSpec,
     SerfEventTriggerStatus, TriggerEvent, TriggerQuery, TriggerWatch, WatchFired, WatchStatus,
@@ -25,9 +29,13 @@ pub const GROUP: &str = "serf.operator.io";
 /// The API version.
 pub const VERSION: &str = "v1alpha1";
 
-/// Both CRDs, as they are installed.
+/// The CRDs, as they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![SerfHandler::crd(), SerfEventTrigger::crd()]
+    vec![
+        SerfHandler::crd(),
+        SerfEventTrigger::crd(),
+        SerfService::crd(),
+    ]
 }
 
 /// Where the generated CRDs live in the repository (the Helm chart installs them from there).

@@ -67,8 +67,10 @@ pub struct Endpoint {
     pub name: String,
     /// Its address.
     pub address: IpAddr,
-    /// Its service port.
+    /// Its first service port (the one `lines` shows).
     pub port: u16,
+    /// All its service ports, in the order the ports were given.
+    pub ports: Vec<u16>,
     /// Its Serf status (`alive`, `leaving`, `failed`, `left`).
     pub status: String,
     /// Its tags.
@@ -81,13 +83,14 @@ pub struct Endpoint {
     pub terminating: bool,
 }
 
-/// Which slices an endpoint may share: EndpointSlices have one address type and one port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Which slices an endpoint may share: EndpointSlices have one address type and one port
+/// list.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SliceKey {
     /// IPv6 rather than IPv4.
     pub ipv6: bool,
-    /// The port.
-    pub port: u16,
+    /// The ports, in the order the ports were given.
+    pub ports: Vec<u16>,
 }
 
 /// One slice: its key and its endpoints by member name.
@@ -143,12 +146,12 @@ impl GoneSince {
     }
 }
 
-/// The endpoints `members` yield: selected, with a port, and not past the grace. `now` is a
-/// monotonic time (any origin, the same as in `gone`); `gone` is updated.
+/// The endpoints `members` yield: selected, with every port, and not past the grace. `now`
+/// is a monotonic time (any origin, the same as in `gone`); `gone` is updated.
 pub fn endpoints(
     members: &[Member],
     selector: &Selector,
-    port: &PortSource,
+    ports: &[PortSource],
     grace: Duration,
     now: Duration,
     gone: &mut GoneSince,
@@ -173,15 +176,18 @@ pub fn endpoints(
             }
             MemberStatus::None | MemberStatus::Other(_) => continue,
         };
-        let p = match port {
-            PortSource::Fixed(p) => Some(*p),
-            PortSource::Tag(t) => m
-                .tags
-                .get(t)
-                .and_then(|v| v.parse::<u16>().ok())
-                .filter(|p| *p != 0),
-        };
-        let Some(p) = p else {
+        let found: Option<Vec<u16>> = ports
+            .iter()
+            .map(|port| match port {
+                PortSource::Fixed(p) => Some(*p),
+                PortSource::Tag(t) => m
+                    .tags
+                    .get(t)
+                    .and_then(|v| v.parse::<u16>().ok())
+                    .filter(|p| *p != 0),
+            })
+            .collect();
+        let Some((p, found)) = found.and_then(|f| Some((*f.first()?, f))) else {
             skipped.push(m.name.clone());
             continue;
         };
@@ -189,6 +195,7 @@ pub fn endpoints(
             name: m.name.clone(),
             address: m.addr,
             port: p,
+            ports: found,
             status: m.status.as_str().to_string(),
             tags: m.tags.clone(),
             ready,
@@ -218,7 +225,7 @@ pub fn place(previous: &[Slice], endpoints: Vec<Endpoint>, max: usize) -> Plan {
                 s.id,
                 Slice {
                     id: s.id,
-                    key: s.key,
+                    key: s.key.clone(),
                     endpoints: BTreeMap::new(),
                 },
             )
@@ -233,7 +240,7 @@ pub fn place(previous: &[Slice], endpoints: Vec<Endpoint>, max: usize) -> Plan {
         }
         let key = SliceKey {
             ipv6: e.address.is_ipv6(),
-            port: e.port,
+            ports: e.ports.clone(),
         };
         match was.get(e.name.as_str()).and_then(|id| slices.get_mut(id)) {
             Some(s) if s.key == key => {
@@ -255,7 +262,7 @@ pub fn place(previous: &[Slice], endpoints: Vec<Endpoint>, max: usize) -> Plan {
                     id,
                     Slice {
                         id,
-                        key,
+                        key: key.clone(),
                         endpoints: BTreeMap::new(),
                     },
                 );
@@ -282,7 +289,7 @@ pub fn place(previous: &[Slice], endpoints: Vec<Endpoint>, max: usize) -> Plan {
     plan
 }
 
-/// The endpoints as a JSON array of `{name, address, port, status, tags}`, by name.
+/// The endpoints as a JSON array of `{name, address, port, ports, status, tags}`, by name.
 ///
 /// # Errors
 /// A JSON encoding error (not expected).
@@ -346,7 +353,7 @@ mod tests {
         endpoints(
             members,
             &sel(&[("role", "db")]),
-            port,
+            std::slice::from_ref(port),
             Duration::from_secs(30),
             Duration::from_secs(now),
             gone,
@@ -446,7 +453,7 @@ mod tests {
         let e = endpoints(
             &members,
             &sel(&[("role", "db")]),
-            &PortSource::Tag("port".into()),
+            &[PortSource::Tag("port".into())],
             Duration::ZERO,
             Duration::ZERO,
             &mut GoneSince::default(),
@@ -455,6 +462,34 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].port, 6000);
         assert_eq!(skipped, ["b", "c"]);
+    }
+
+    #[test]
+    fn several_ports_come_in_order_and_all_are_needed() {
+        let members = vec![
+            member(
+                "a",
+                "10.0.0.1",
+                MemberStatus::Alive,
+                &[("role", "db"), ("admin", "9000")],
+            ),
+            member("b", "10.0.0.2", MemberStatus::Alive, &[("role", "db")]),
+        ];
+        let mut skipped = Vec::new();
+        let e = endpoints(
+            &members,
+            &sel(&[("role", "db")]),
+            &[PortSource::Fixed(5432), PortSource::Tag("admin".into())],
+            Duration::ZERO,
+            Duration::ZERO,
+            &mut GoneSince::default(),
+            &mut skipped,
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].port, e[0].ports.clone()), (5432, vec![5432, 9000]));
+        assert_eq!(skipped, ["b"]);
+        let p = place(&[], e, 1000);
+        assert_eq!(p.slices[0].key.ports, [5432, 9000]);
     }
 
     fn many(n: usize) -> Vec<Member> {

@@ -164,6 +164,11 @@ enum Command {
         /// Seconds between checks of the cluster's keys while they match the Secret.
         #[arg(long, env = "SERF_OPERATOR_KEYRING_RECHECK", default_value_t = 60)]
         keyring_recheck: u64,
+        /// Publish SerfServices: the Serf members they select as headless Services with
+        /// EndpointSlices and/or ConfigMaps (needs RBAC for services, endpointslices and
+        /// configmaps in the watched namespaces).
+        #[arg(long, env = "SERF_OPERATOR_DISCOVERY")]
+        discovery: bool,
     },
     /// Write the Serf agent's config file (mode 0600, replaced atomically): the secrets, which
     /// would be readable by anyone on the host on the agent's command line, and what the
@@ -256,6 +261,7 @@ fn main() -> anyhow::Result<()> {
             keyring_secret,
             keyring_secret_key,
             keyring_recheck,
+            discovery,
         } => {
             if log_format != "text" && log_format != "json" {
                 anyhow::bail!("--log-format must be text or json, not {log_format:?}");
@@ -305,6 +311,7 @@ fn main() -> anyhow::Result<()> {
                     recheck: std::time::Duration::from_secs(keyring_recheck.max(1)),
                 }),
                 owner_deployment: owner_deployment.filter(|d| !d.is_empty()),
+                discovery,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

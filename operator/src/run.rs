@@ -8,7 +8,8 @@
 //!   [`LaunchPool`] (Job creates, retried until the API server is back or the launch deadline
 //!   passes), the [`StateWriter`] (status, ledgers, membership), the Event publisher.
 //! - **Level-triggered work** on kube-runtime controllers: SerfEventTriggers
-//!   ([`controller::trigger`]) and SerfHandlers ([`controller::handler`]).
+//!   ([`controller::trigger`]), SerfHandlers ([`controller::handler`]) and, with
+//!   `--discovery`, SerfServices ([`controller::service`]).
 //! - **Leader election** ([`leader`]) gates the once-only work.
 
 use std::collections::HashSet;
@@ -75,6 +76,8 @@ pub struct RunConfig {
     /// The Deployment (in the state namespace) that owns the state objects, if any: they are
     /// garbage-collected with it.
     pub owner_deployment: Option<String>,
+    /// Publish SerfServices (service discovery): [`controller::service`].
+    pub discovery: bool,
 }
 
 /// Gossip key rotation settings.
@@ -485,6 +488,20 @@ pub async fn run(
             .await;
         });
         tracing::info!(secret = %k.secret, record = %k.configmap, "gossip key rotation on");
+    }
+
+    // Service discovery: SerfServices published from a membership of their own (the leader
+    // writes).
+    if cfg.discovery {
+        controller::service::start(
+            &mut tasks,
+            &client,
+            cfg.serf.clone(),
+            &scopes,
+            verdict.clone(),
+            cfg.call_timeout,
+            &stop_rx,
+        );
     }
 
     // The Serf link: the stream is drained at once into the bounded queue.

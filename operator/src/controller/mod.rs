@@ -2,13 +2,15 @@
 //! gated by the Lease: [`trigger`] fires SerfEventTriggers; [`handler`] keeps each
 //! SerfHandler's Ready condition and `observedGeneration` (its Job templates checked by
 //! [`dryrun`]), and prunes its finished Jobs;
-//! [`keyring`] rotates the Serf cluster's gossip keys to the keyring Secret.
+//! [`keyring`] rotates the Serf cluster's gossip keys to the keyring Secret; [`service`]
+//! publishes SerfServices' members as EndpointSlices and ConfigMaps.
 //! Each reconcile runs in a span naming its object; failures go to `error_policy`, which
 //! backs off per object.
 
 pub mod dryrun;
 pub mod handler;
 pub mod keyring;
+pub mod service;
 pub mod trigger;
 
 use futures::Stream;
