@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use serf_client::{Event, Member, MemberEventKind, MemberStatus};
-use serf_operator_crds::SerfHandler;
+use serf_client::{Event, MemberEventKind, MemberStatus};
+use serf_operator_crds::{MembershipStatus, SerfHandler};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -137,7 +137,7 @@ pub trait Effects: Send {
     /// A query answered.
     fn answered(&mut self) {}
     /// The members each of these handlers' filters select (their status shows them).
-    fn selected(&mut self, _selected: Vec<(HandlerRef, Vec<Member>)>) {}
+    fn selected(&mut self, _selected: Vec<(HandlerRef, MembershipStatus)>) {}
     /// What changed in the membership record, to persist.
     fn record_changed(&mut self, _changes: RecordChanges) {}
     /// The Serf link went up or down.
@@ -655,6 +655,7 @@ impl<E: Effects> Dispatcher<E> {
             members,
             header,
             legacy: false,
+            absent: Default::default(),
         };
         if !changes.is_empty() {
             self.effects.record_changed(changes);
@@ -671,36 +672,16 @@ impl<E: Effects> Dispatcher<E> {
         if handlers.is_empty() {
             return;
         }
-        let members: Vec<Member> = self
-            .engine
-            .membership()
-            .members
-            .iter()
-            .filter(|(_, r)| r.status != "reaped")
-            .map(|(name, r)| {
-                Member::new(
-                    name.clone(),
-                    r.addr
-                        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-                    r.port,
-                    r.tags.clone(),
-                    match r.status.as_str() {
-                        "alive" => MemberStatus::Alive,
-                        "failed" => MemberStatus::Failed,
-                        "leaving" => MemberStatus::Leaving,
-                        _ => MemberStatus::Left,
-                    },
-                )
-            })
-            .collect();
-        let selected: Vec<(HandlerRef, Vec<Member>)> = handlers
+        let router = self.engine.router();
+        let members = &self.engine.membership().members;
+        let selected: Vec<(HandlerRef, MembershipStatus)> = handlers
             .iter()
             .map(|h| {
-                let ms = members
-                    .iter()
-                    .filter(|m| self.engine.router().selects_member(h, m))
-                    .cloned()
-                    .collect();
+                let ms = crate::status::summarize(
+                    members
+                        .iter()
+                        .filter(|(_, r)| router.selects_tags(h, &r.tags)),
+                );
                 (h.clone(), ms)
             })
             .collect();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use serf_client::Member;
+use serf_operator_crds::MembershipStatus;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -203,7 +203,7 @@ impl Effects for KubeEffects {
         self.sinks.metrics.queries_answered.inc();
     }
 
-    fn selected(&mut self, selected: Vec<(HandlerRef, Vec<Member>)>) {
+    fn selected(&mut self, selected: Vec<(HandlerRef, MembershipStatus)>) {
         for (h, members) in selected {
             let _ = self.sinks.status.try_send(StatusMsg::Members {
                 handler: h,

@@ -507,6 +507,12 @@ impl Router {
     /// Whether a handler's member filters select `m`: any route's `members` filters match,
     /// or the handler has none.
     pub fn selects_member(&self, handler: &HandlerRef, m: &Member) -> bool {
+        self.selects_tags(handler, &m.tags)
+    }
+
+    /// Whether a member with these tags passes one of `handler`'s routes' member filters
+    /// (see [`Router::selects_member`]).
+    pub fn selects_tags(&self, handler: &HandlerRef, tags: &BTreeMap<String, String>) -> bool {
         let Some(h) = self.slot_of(handler).and_then(|s| self.slot(s)) else {
             return false;
         };
@@ -519,7 +525,7 @@ impl Router {
         filters.is_empty()
             || filters.iter().any(|f| {
                 f.iter()
-                    .all(|(k, re)| m.tags.get(k).is_some_and(|v| re.is_match(v)))
+                    .all(|(k, re)| tags.get(k).is_some_and(|v| re.is_match(v)))
             })
     }
 

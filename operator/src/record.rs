@@ -17,7 +17,7 @@
 //! is read as it is and, on the first write, moved into the shards (the header is rewritten
 //! without it once every shard is written).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -109,6 +109,9 @@ pub struct RecordChanges {
     pub header: Option<(u64, u64)>,
     /// The header still holds the unsharded record: rewrite it once the shards are written.
     pub legacy: bool,
+    /// Shards the last read found absent: created at once rather than patched first (a hint;
+    /// a shard that exists after all is patched).
+    pub absent: BTreeSet<u32>,
 }
 
 impl RecordChanges {
@@ -124,6 +127,7 @@ impl RecordChanges {
             members: m.members.clone(),
             header: Some((m.epoch, m.event_clock)),
             legacy: true,
+            absent: BTreeSet::new(),
         }
     }
 
@@ -134,6 +138,7 @@ impl RecordChanges {
             self.header = newer.header;
         }
         self.legacy |= newer.legacy;
+        self.absent.extend(newer.absent);
     }
 
     /// Puts back `older` changes that could not be written, under anything newer.
@@ -145,24 +150,38 @@ impl RecordChanges {
             self.header = older.header;
         }
         self.legacy |= older.legacy;
+        self.absent.extend(older.absent);
     }
 
-    /// The changed members by shard: key → the member's JSON.
-    fn by_shard(&self) -> BTreeMap<u32, BTreeMap<String, String>> {
-        let mut out: BTreeMap<u32, BTreeMap<String, String>> = BTreeMap::new();
-        for (name, record) in &self.members {
-            let stored = Stored {
-                name: name.clone(),
-                record: record.clone(),
-            };
-            // A record of strings and numbers always serializes.
-            let text = serde_json::to_string(&stored).unwrap_or_default();
-            out.entry(shard_of(name))
-                .or_default()
-                .insert(key_of(name), text);
+    /// The changed members' names by shard.
+    fn by_shard(&self) -> BTreeMap<u32, Vec<&String>> {
+        let mut out: BTreeMap<u32, Vec<&String>> = BTreeMap::new();
+        for name in self.members.keys() {
+            out.entry(shard_of(name)).or_default().push(name);
         }
         out
     }
+
+    /// One shard's entries: key → the member's JSON (serialized shard by shard, so that a
+    /// write of the whole record never holds it all as text).
+    fn entries(&self, names: &[&String]) -> BTreeMap<String, String> {
+        names
+            .iter()
+            .filter_map(|name| {
+                let record = self.members.get(*name)?;
+                // A record of strings and numbers always serializes.
+                let text = serde_json::to_string(&StoredRef { name, record }).ok()?;
+                Some((key_of(name), text))
+            })
+            .collect()
+    }
+}
+
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    name: &'a str,
+    #[serde(flatten)]
+    record: &'a MemberRecord,
 }
 
 /// What one write sent.
@@ -183,6 +202,8 @@ pub struct Loaded {
     pub legacy: bool,
     /// Entries that could not be read (named in the log), skipped.
     pub skipped: usize,
+    /// The shards that do not exist.
+    pub absent: BTreeSet<u32>,
 }
 
 /// Reads the record: the header, then every shard.
@@ -222,9 +243,13 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
                     membership,
                     legacy: true,
                     skipped: 0,
+                    absent: (0..SHARDS).collect(),
                 })
             }
-            None => Ok(Loaded::default()),
+            None => Ok(Loaded {
+                absent: (0..SHARDS).collect(),
+                ..Loaded::default()
+            }),
         };
     };
     if header.format != FORMAT {
@@ -256,8 +281,12 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
         event_clock: header.event_clock,
     };
     let mut skipped = 0;
+    let mut absent = BTreeSet::new();
     for shard in shards {
         let (s, cm) = shard?;
+        if cm.is_none() {
+            absent.insert(s);
+        }
         for (key, text) in cm.and_then(|cm| cm.data).unwrap_or_default() {
             match serde_json::from_str::<Stored>(&text) {
                 Ok(st) => {
@@ -281,6 +310,7 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
         membership,
         legacy: false,
         skipped,
+        absent,
     })
 }
 
@@ -302,16 +332,18 @@ pub async fn load(
         read(client, namespace, timeout),
     )
     .await?;
-    if loaded.legacy
-        && let Ok(mut p) = pending.lock()
-    {
-        p.restore(RecordChanges::whole(&loaded.membership));
+    if let Ok(mut p) = pending.lock() {
+        if loaded.legacy {
+            p.restore(RecordChanges::whole(&loaded.membership));
+        }
+        p.absent = loaded.absent.clone();
     }
     Ok(loaded.membership)
 }
 
 /// Writes `changes`: each shard touched by one merge patch of its changed keys, then the
-/// header. Stops at the first error and returns, with it, what is left to write.
+/// header. Returns the shards still known absent (not created by this write). Stops at the
+/// first error and returns, with it, what is left to write.
 ///
 /// # Errors
 /// The first API error or timeout, and the changes not written.
@@ -320,20 +352,34 @@ pub async fn write(
     namespace: &str,
     changes: RecordChanges,
     timeout: Duration,
-) -> (WriteStats, Result<(), (Error, RecordChanges)>) {
+) -> (WriteStats, Result<BTreeSet<u32>, (Error, RecordChanges)>) {
     let mut stats = WriteStats::default();
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let by_shard = changes.by_shard();
-    let mut written: Vec<u32> = Vec::new();
-    for (shard, entries) in &by_shard {
+    let mut written: BTreeSet<u32> = BTreeSet::new();
+    for (shard, names) in &by_shard {
         let name = shard_name(*shard);
-        let r = write_shard(client, &api, namespace, &name, entries, timeout, &mut stats).await;
+        let entries = changes.entries(names);
+        let absent = changes.absent.contains(shard);
+        let r = write_shard(
+            client, &api, namespace, &name, &entries, absent, timeout, &mut stats,
+        )
+        .await;
         if let Err(e) = r {
-            let mut left = changes;
-            left.members.retain(|n, _| !written.contains(&shard_of(n)));
+            let mut left = RecordChanges {
+                members: BTreeMap::new(),
+                header: changes.header,
+                legacy: changes.legacy,
+                absent: changes.absent.difference(&written).copied().collect(),
+            };
+            left.members = changes
+                .members
+                .into_iter()
+                .filter(|(n, _)| !written.contains(&shard_of(n)))
+                .collect();
             return (stats, Err((e, left)));
         }
-        written.push(*shard);
+        written.insert(*shard);
     }
     if changes.header.is_some() || changes.legacy {
         let (epoch, event_clock) = changes.header.unwrap_or_default();
@@ -369,59 +415,80 @@ pub async fn write(
                 members: BTreeMap::new(),
                 header: changes.header,
                 legacy: changes.legacy,
+                absent: changes.absent.difference(&written).copied().collect(),
             };
             return (stats, Err((e, left)));
         }
     }
-    (stats, Ok(()))
+    (
+        stats,
+        Ok(changes.absent.difference(&written).copied().collect()),
+    )
 }
 
+/// Writes one shard's entries: a merge patch of these keys, or, for a shard not there (known
+/// `absent`, or a patch answered 404), a create with them (a create answered 409: patched).
+#[allow(clippy::too_many_arguments)]
 async fn write_shard(
     client: &Client,
     api: &Api<ConfigMap>,
     namespace: &str,
     name: &str,
     entries: &BTreeMap<String, String>,
+    absent: bool,
     timeout: Duration,
     stats: &mut WriteStats,
 ) -> Result<(), Error> {
-    let body = json!({ "data": entries });
-    stats.calls += 1;
-    stats.bytes += body.to_string().len() as u64;
-    let req = kube::core::Request::new(api.resource_url())
-        .patch(name, &PatchParams::default(), &Patch::Merge(&body))
-        .map_err(|e| {
-            Error::kube(
-                "write a membership record shard",
-                kube::Error::BuildRequest(e),
+    let send = |req: http::Request<Vec<u8>>, stats: &mut WriteStats| {
+        stats.calls += 1;
+        stats.bytes += req.body().len() as u64;
+        tokio::time::timeout(timeout, client.request_text(req))
+    };
+    let fail = |e: kube::Error| Error::kube(format!("write {name}"), e);
+    let late = || Error::KubeTimeout {
+        what: format!("write {name}"),
+        after: timeout,
+    };
+    let patch = || {
+        kube::core::Request::new(api.resource_url())
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({ "data": entries })),
             )
-        })?;
-    let r = tokio::time::timeout(timeout, client.request_text(req)).await;
-    match r {
-        Ok(Ok(_)) => return Ok(()),
-        Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
-        Ok(Err(e)) => return Err(Error::kube(format!("write {name}"), e)),
-        Err(_) => {
-            return Err(Error::KubeTimeout {
-                what: format!("write {name}"),
-                after: timeout,
-            });
+            .map_err(|e| fail(kube::Error::BuildRequest(e)))
+    };
+    if !absent {
+        match send(patch()?, stats).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
+            Ok(Err(e)) => return Err(fail(e)),
+            Err(_) => return Err(late()),
         }
     }
-    // A shard not created yet: created by server-side apply with these entries.
     let mut meta = json!({"name": name, "namespace": namespace,
         "labels": {"app.kubernetes.io/managed-by": crate::jobs::MANAGED_BY,
                    LABEL_RECORD: crate::objects::membership()}});
     crate::objects::add_owner(&mut meta);
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": entries});
-    stats.calls += 1;
-    stats.bytes += cm.to_string().len() as u64;
-    kube_call(
-        "create a membership record shard",
-        timeout,
-        crate::ledger::apply_unread(client, api.resource_url(), name, None, cm),
-    )
-    .await
+    let body = serde_json::to_vec(&cm).map_err(|e| Error::Corrupt {
+        what: format!("ConfigMap {name}"),
+        message: e.to_string(),
+    })?;
+    let create = kube::core::Request::new(api.resource_url())
+        .create(&kube::api::PostParams::default(), body)
+        .map_err(|e| fail(kube::Error::BuildRequest(e)))?;
+    match send(create, stats).await {
+        Ok(Ok(_)) => Ok(()),
+        // Created meanwhile (the hint was stale): patched after all.
+        Ok(Err(kube::Error::Api(s))) if s.code == 409 => match send(patch()?, stats).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(fail(e)),
+            Err(_) => Err(late()),
+        },
+        Ok(Err(e)) => Err(fail(e)),
+        Err(_) => Err(late()),
+    }
 }
 
 #[cfg(test)]
@@ -506,8 +573,9 @@ mod tests {
         c.members.insert("db-1".into(), rec("failed", 3));
         let by = c.by_shard();
         assert_eq!(by.len(), 1);
-        let (shard, entries) = by.iter().next().unwrap();
+        let (shard, names) = by.iter().next().unwrap();
         assert_eq!(*shard, shard_of("db-1"));
+        let entries = c.entries(names);
         let text = &entries["db-1"];
         let back: Stored = serde_json::from_str(text).unwrap();
         assert_eq!(back.name, "db-1");

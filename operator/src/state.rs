@@ -10,7 +10,6 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client};
-use serf_client::Member;
 use serf_operator_crds::SerfHandler;
 use tokio::sync::{mpsc, watch};
 
@@ -55,12 +54,12 @@ pub enum StatusMsg {
         /// Deleted (namespace, name): their status is forgotten.
         gone: Vec<(String, String)>,
     },
-    /// The members a handler's filters select.
+    /// The members a handler's filters select, summarized.
     Members {
         /// The handler.
         handler: HandlerRef,
-        /// The members.
-        members: Vec<Member>,
+        /// Their counts and the first of them.
+        members: serf_operator_crds::MembershipStatus,
     },
     /// Events dropped before routing (queue overflow, stream lag).
     Dropped(u64),
@@ -156,8 +155,7 @@ impl StateWriter {
                 }
             }
             StatusMsg::Members { handler, members } => {
-                let refs: Vec<&Member> = members.iter().collect();
-                self.book.set_members(&handler, &refs);
+                self.book.set_members(&handler, members);
             }
             StatusMsg::Dropped(n) => {
                 self.dropped_total += n;
@@ -240,18 +238,19 @@ impl StateWriter {
                 self.book.mark_dirty(&k);
             }
         }
+        // Taken only when there is something to write (the shards known absent stay).
         let changes = match self.record.lock() {
-            Ok(mut r) => std::mem::take(&mut *r),
-            Err(_) => RecordChanges::default(),
+            Ok(mut r) if !r.is_empty() => std::mem::take(&mut *r),
+            _ => return true,
         };
-        if changes.is_empty() {
-            return true;
-        }
         let members = changes.members.len();
         let (stats, r) = crate::record::write(&self.client, &self.cfg.namespace, changes, t).await;
         self.metrics_record(stats);
         match r {
-            Ok(()) => {
+            Ok(absent) => {
+                if let Ok(mut r) = self.record.lock() {
+                    r.absent.extend(absent);
+                }
                 tracing::debug!(
                     members,
                     calls = stats.calls,

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{Api, Client};
-use serf_client::Member;
 use serf_operator_crds::{
     LastMatched, LastReported, LastSkipped, MemberItem, MembershipStatus, RouteStatus, SerfHandler,
     SerfHandlerStatus,
@@ -37,7 +36,7 @@ pub async fn write_status(
     }
 }
 
-use crate::engine::RouteError;
+use crate::engine::{MemberRecord, RouteError};
 use crate::jobs::HandlerRef;
 
 /// At most this many members are listed in a handler's status (`total` counts all).
@@ -264,30 +263,8 @@ impl StatusBook {
         }
     }
 
-    /// Sets the membership a handler's member filters select.
-    pub fn set_members(&mut self, h: &HandlerRef, members: &[&Member]) {
-        let mut sorted: Vec<&&Member> = members.iter().collect();
-        sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let count = |f: &dyn Fn(&str) -> bool| {
-            i32::try_from(members.iter().filter(|m| f(m.status.as_str())).count())
-                .unwrap_or(i32::MAX)
-        };
-        let ms = MembershipStatus {
-            alive: count(&|s| s == "alive"),
-            failed: count(&|s| s == "failed"),
-            left: count(&|s| s == "left" || s == "leaving"),
-            total: i32::try_from(members.len()).unwrap_or(i32::MAX),
-            items: sorted
-                .iter()
-                .take(MAX_MEMBER_ITEMS)
-                .map(|m| MemberItem {
-                    name: m.name.clone(),
-                    addr: format!("{}:{}", m.addr, m.port),
-                    role: m.role().to_string(),
-                    status: m.status.as_str().to_string(),
-                })
-                .collect(),
-        };
+    /// Sets the membership a handler's member filters select (see [`summarize`]).
+    pub fn set_members(&mut self, h: &HandlerRef, ms: MembershipStatus) {
         let e = self.entries.entry(key(h)).or_default();
         if e.status.members.as_ref() != Some(&ms) {
             e.status.members = Some(ms);
@@ -381,4 +358,34 @@ fn set_condition(
             last_transition_time: time,
         }),
     }
+}
+
+/// The status summary of the members `selected` yields in name order (the membership
+/// record's order): counts by status and the first [`MAX_MEMBER_ITEMS`]. Reaped members are
+/// not counted. One pass, no copy of the members: a pool of 50,000 is summarized in place.
+pub fn summarize<'a>(
+    selected: impl Iterator<Item = (&'a String, &'a MemberRecord)>,
+) -> MembershipStatus {
+    let mut ms = MembershipStatus::default();
+    for (name, r) in selected {
+        match r.status.as_str() {
+            "alive" => ms.alive += 1,
+            "failed" => ms.failed += 1,
+            "left" | "leaving" => ms.left += 1,
+            _ => continue,
+        }
+        ms.total += 1;
+        if ms.items.len() < MAX_MEMBER_ITEMS {
+            let addr = r
+                .addr
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            ms.items.push(MemberItem {
+                name: name.clone(),
+                addr: format!("{addr}:{}", r.port),
+                role: r.tags.get("role").cloned().unwrap_or_default(),
+                status: r.status.clone(),
+            });
+        }
+    }
+    ms
 }

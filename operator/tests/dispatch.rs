@@ -119,11 +119,17 @@ impl Effects for Fake {
     fn record_changed(&mut self, changes: RecordChanges) {
         self.records.push(changes);
     }
-    fn selected(&mut self, selected: Vec<(HandlerRef, Vec<Member>)>) {
+    fn selected(&mut self, selected: Vec<(HandlerRef, serf_operator_crds::MembershipStatus)>) {
         self.selections += 1;
         self.members = selected
             .iter()
-            .map(|(h, ms)| (h.to_string(), ms.iter().map(|m| m.name.clone()).collect()))
+            .map(|(h, ms)| {
+                assert_eq!(ms.total as usize, ms.items.len());
+                (
+                    h.to_string(),
+                    ms.items.iter().map(|m| m.name.clone()).collect(),
+                )
+            })
             .collect();
     }
 }

@@ -64,11 +64,16 @@ fn serve(mut h: Handle, store: Shared) {
                 .map(|v| v.to_str().unwrap().to_string())
                 .unwrap_or_default();
             let body = req.into_body().collect_bytes().await.unwrap();
-            let name = path.rsplit('/').next().unwrap().to_string();
             assert!(
-                path.starts_with("/api/v1/namespaces/serf-system/configmaps/"),
+                path.starts_with("/api/v1/namespaces/serf-system/configmaps"),
                 "{path}"
             );
+            let name = if method == Method::POST {
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                v["metadata"]["name"].as_str().unwrap().to_string()
+            } else {
+                path.rsplit('/').next().unwrap().to_string()
+            };
             let (code, reply) = {
                 let mut s = store.lock().unwrap();
                 s.seen.push(Seen {
@@ -77,7 +82,7 @@ fn serve(mut h: Handle, store: Shared) {
                     content_type: content_type.clone(),
                     _bytes: body.len(),
                 });
-                if method == Method::PATCH && s.fail_writes > 0 {
+                if method != Method::GET && s.fail_writes > 0 {
                     s.fail_writes -= 1;
                     (
                         500,
@@ -115,6 +120,21 @@ fn serve(mut h: Handle, store: Shared) {
                             .collect();
                         s.objects.insert(name.clone(), d.clone());
                         (200, object(&name, &d))
+                    }
+                } else if method == Method::POST {
+                    if s.objects.contains_key(&name) {
+                        (
+                            409,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "AlreadyExists", "code": 409,
+                                   "message": format!("configmaps \"{name}\" already exists")}),
+                        )
+                    } else {
+                        let v: Value = serde_json::from_slice(&body).unwrap();
+                        let d: BTreeMap<String, String> =
+                            serde_json::from_value(v["data"].clone()).unwrap_or_default();
+                        s.objects.insert(name.clone(), d.clone());
+                        (201, object(&name, &d))
                     }
                 } else {
                     panic!("unexpected {method} {path}");
@@ -358,4 +378,87 @@ async fn no_record_reads_empty_and_a_header_of_another_format_is_named() {
     );
     let e = record::read(&client, "serf-system", T).await.unwrap_err();
     assert!(e.to_string().contains("format 9"), "{e}");
+}
+
+#[tokio::test]
+async fn shards_a_read_found_absent_are_created_at_once_and_a_stale_hint_costs_one_call() {
+    let (client, store) = client();
+    let pending = record::SharedRecord::default();
+    // No record at all: every shard is known absent.
+    let m = record::load(&client, "serf-system", T, &pending)
+        .await
+        .unwrap();
+    assert_eq!(m, Membership::default());
+    assert_eq!(pending.lock().unwrap().absent.len(), SHARDS as usize);
+    let mut c = std::mem::take(&mut *pending.lock().unwrap());
+    let pool = membership(3_000);
+    c.members = pool.members.clone();
+    c.header = Some((pool.epoch, pool.event_clock));
+    store.lock().unwrap().seen.clear();
+    let (stats, r) = record::write(&client, "serf-system", c, T).await;
+    r.unwrap();
+    // One create a shard (no patch answered 404 first) and the header.
+    assert_eq!(stats.calls, u64::from(SHARDS) + 1);
+    let posts = store
+        .lock()
+        .unwrap()
+        .seen
+        .iter()
+        .filter(|s| s.method == Method::POST)
+        .count();
+    assert_eq!(posts, SHARDS as usize);
+    assert_eq!(
+        record::read(&client, "serf-system", T)
+            .await
+            .unwrap()
+            .membership,
+        pool
+    );
+
+    // A stale hint (the shard exists after all): the create is refused, the patch follows,
+    // and nothing stored is lost.
+    let mut again = RecordChanges::default();
+    again.members.insert("node-5".into(), member(5, "failed"));
+    again.absent.insert(record::shard_of("node-5"));
+    let (stats, r) = record::write(&client, "serf-system", again, T).await;
+    r.unwrap();
+    assert_eq!(stats.calls, 2);
+    let back = record::read(&client, "serf-system", T).await.unwrap();
+    assert_eq!(back.membership.members.len(), 3_000);
+    assert_eq!(back.membership.members["node-5"].status, "failed");
+}
+
+#[tokio::test]
+async fn the_state_writer_keeps_the_absent_hint_across_empty_flushes() {
+    let (client, store) = client();
+    let pending = record::SharedRecord::default();
+    record::load(&client, "serf-system", T, &pending)
+        .await
+        .unwrap();
+    let mut writer = serf_operator::state::StateWriter::new(
+        client,
+        serf_operator::state::StateConfig {
+            namespace: "serf-system".into(),
+            interval: Duration::from_secs(1),
+            call_timeout: T,
+        },
+        Arc::default(),
+        pending.clone(),
+        None,
+    );
+    // Nothing to write yet: no call, and the hint stays.
+    assert!(writer.flush(true).await);
+    assert_eq!(pending.lock().unwrap().absent.len(), SHARDS as usize);
+    pending
+        .lock()
+        .unwrap()
+        .members
+        .insert("node-1".into(), member(1, "alive"));
+    store.lock().unwrap().seen.clear();
+    assert!(writer.flush(true).await);
+    let seen = store.lock().unwrap().seen.clone();
+    // Straight to a create: no patch answered 404 first.
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].method, Method::POST);
+    assert_eq!(pending.lock().unwrap().absent.len(), SHARDS as usize - 1);
 }
