@@ -210,6 +210,19 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
                 .any(|m| m.name == "contract-2" && m.tags.contains_key("ver"))
         })
         .unwrap();
+    // Serf's handler for contract-2's new tags runs after the agent's coalescing period: it
+    // reads the agent's own tags as they are when it runs, so the retag below waits for it
+    // (else the handler may already see role=lb for the earlier update).
+    let wait = Instant::now() + Duration::from_secs(15);
+    // (A join and an update close together may come as one event: whichever carries ver=2.)
+    while !read_records(&records).iter().any(|r| {
+        String::from_utf8_lossy(&r.stdin)
+            .lines()
+            .any(|l| l.starts_with("contract-2\t") && l.contains("ver=2"))
+    }) {
+        assert!(Instant::now() < wait, "Serf's handler ran for contract-2's new tags");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The operator's own node is retagged: Serf's handlers see the new role from then on,
     // and so must the Jobs.
     // Serf delivers member events after its coalescing period (about a second): the
