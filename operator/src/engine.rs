@@ -3,8 +3,9 @@
 //! No I/O: time and the active Jobs come in as arguments, so the live operator, local mode,
 //! the `route` command and the tests share one engine.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::batch::v1::{Job, JobTemplateSpec};
@@ -762,14 +763,61 @@ impl ActiveJobs for BTreeMap<(String, String, String), Vec<String>> {
     }
 }
 
+/// A member's tags, shared by the records of every member with the same ones.
+pub type Tags = Arc<BTreeMap<String, String>>;
+
+/// The tag sets the membership's records use: members with the same tags (a pool of web
+/// nodes in one zone) share one copy, which in a pool of tens of thousands is most of its
+/// memory. Sets no record uses any more are dropped as the table grows.
+#[derive(Debug, Clone, Default)]
+pub struct TagSets {
+    sets: HashSet<Tags>,
+    limit: usize,
+}
+
+impl PartialEq for TagSets {
+    /// A cache: equal whatever it holds.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TagSets {}
+
+impl TagSets {
+    /// The shared copy of `tags`.
+    pub fn intern(&mut self, tags: &BTreeMap<String, String>) -> Tags {
+        if let Some(t) = self.sets.get(tags) {
+            return t.clone();
+        }
+        if self.sets.len() >= self.limit.max(1024) {
+            self.sets.retain(|t| Arc::strong_count(t) > 1);
+            self.limit = 2 * self.sets.len();
+        }
+        let t = Arc::new(tags.clone());
+        self.sets.insert(t.clone());
+        t
+    }
+
+    /// Distinct tag sets held.
+    pub fn len(&self) -> usize {
+        self.sets.len()
+    }
+
+    /// None held.
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+}
+
 /// What the engine knows about one member: its last state and how many times the state
 /// changed. The count tells a flap (failed, alive, failed) from a duplicate.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemberRecord {
     /// `alive`, `failed`, `left`, `leaving`, or `reaped` after member-reap.
     pub status: String,
-    /// The member's tags at that time.
-    pub tags: BTreeMap<String, String>,
+    /// The member's tags at that time (one copy shared by every member with the same).
+    pub tags: Tags,
     /// Number of state changes seen, from 1.
     pub version: u64,
     /// The member's address when last seen.
@@ -819,6 +867,9 @@ pub struct Membership {
     /// event seen (an agent that delivered that event has a clock at least this far).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub event_clock: u64,
+    /// The records' tag sets (see [`TagSets`]).
+    #[serde(skip)]
+    pub tag_sets: TagSets,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -826,6 +877,13 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl Membership {
+    /// Shares the tag sets of records read from storage (each was decoded on its own).
+    pub fn intern_all(&mut self) {
+        for r in self.members.values_mut() {
+            r.tags = self.tag_sets.intern(&r.tags);
+        }
+    }
+
     /// Records a member's new state from a member event at `now` (Unix seconds): its
     /// version is unchanged for a duplicate and one higher for a real change.
     pub fn observe(&mut self, kind: MemberEventKind, m: &Member, now: i64) -> Observed {
@@ -835,14 +893,14 @@ impl Membership {
             m.status.as_str().to_string()
         };
         match self.members.get_mut(&m.name) {
-            Some(r) if r.status == status && r.tags == m.tags => Observed {
+            Some(r) if r.status == status && *r.tags == m.tags => Observed {
                 version: r.version,
                 news: false,
             },
             Some(r) => {
                 r.version += 1;
                 r.status = status;
-                r.tags = m.tags.clone();
+                r.tags = self.tag_sets.intern(&m.tags);
                 r.addr = Some(m.addr);
                 r.port = m.port;
                 r.since = now;
@@ -856,7 +914,7 @@ impl Membership {
                     m.name.clone(),
                     MemberRecord {
                         status,
-                        tags: m.tags.clone(),
+                        tags: self.tag_sets.intern(&m.tags),
                         version: 1,
                         addr: Some(m.addr),
                         port: m.port,
@@ -919,7 +977,7 @@ impl Membership {
                 (None | Some("reaped"), "alive") => Some(MemberEventKind::Join),
                 (None | Some("reaped"), _) => None,
                 (Some(b), n) if b == n => {
-                    let tags_changed = before.is_some_and(|r| r.tags != m.tags);
+                    let tags_changed = before.is_some_and(|r| *r.tags != m.tags);
                     (tags_changed && n == "alive").then_some(MemberEventKind::Update)
                 }
                 (Some(_), "alive") => Some(MemberEventKind::Join),
@@ -948,7 +1006,7 @@ impl Membership {
                         r.addr
                             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
                         r.port,
-                        r.tags.clone(),
+                        (*r.tags).clone(),
                         status,
                     ));
             }
@@ -1071,13 +1129,15 @@ impl Engine {
             // Only the members whose state the event changes: a restarted agent announces
             // every member again, and a member known alive with the same tags is not news.
             Event::Member(m) => {
-                let mut news = Vec::new();
-                for mem in &m.members {
+                // Which members are news (indexes), so that an event that is all news (a
+                // storm, a pool joining) is routed as it is, not copied.
+                let mut news: Vec<usize> = Vec::new();
+                for (i, mem) in m.members.iter().enumerate() {
                     let o = self.membership.observe(m.kind, mem, now);
                     versions.insert(mem.name.clone(), o.version);
                     if o.news {
                         self.changed.insert(mem.name.clone());
-                        news.push(mem.clone());
+                        news.push(i);
                     }
                 }
                 if news.is_empty() {
@@ -1087,11 +1147,15 @@ impl Engine {
                         no_news: true,
                     };
                 }
-                news_only = Event::Member(MemberEvent {
-                    kind: m.kind,
-                    members: news,
-                });
-                &news_only
+                if news.len() == m.members.len() {
+                    event
+                } else {
+                    news_only = Event::Member(MemberEvent {
+                        kind: m.kind,
+                        members: news.into_iter().map(|i| m.members[i].clone()).collect(),
+                    });
+                    &news_only
+                }
             }
             Event::User(u) => {
                 if self.membership.witness_event(u.ltime) {

@@ -230,11 +230,12 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
         // Nothing, or a record from before the shards.
         return match data.remove(LEGACY_KEY) {
             Some(text) => {
-                let membership: Membership =
+                let mut membership: Membership =
                     serde_json::from_str(&text).map_err(|e| Error::Corrupt {
                         what: format!("ConfigMap {name} key {LEGACY_KEY}"),
                         message: e.to_string(),
                     })?;
+                membership.intern_all();
                 tracing::info!(
                     members = membership.members.len(),
                     "membership record of an earlier version: it moves into shards on the next write"
@@ -279,6 +280,7 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
         members: BTreeMap::new(),
         epoch: header.epoch,
         event_clock: header.event_clock,
+        ..Membership::default()
     };
     let mut skipped = 0;
     let mut absent = BTreeSet::new();
@@ -306,6 +308,7 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
             }
         }
     }
+    membership.intern_all();
     Ok(Loaded {
         membership,
         legacy: false,
@@ -498,7 +501,7 @@ mod tests {
     fn rec(status: &str, version: u64) -> MemberRecord {
         MemberRecord {
             status: status.into(),
-            tags: [("role".to_string(), "db".to_string())].into(),
+            tags: std::sync::Arc::new([("role".to_string(), "db".to_string())].into()),
             version,
             addr: Some("10.0.0.1".parse().unwrap()),
             port: 7946,

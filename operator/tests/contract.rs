@@ -220,7 +220,10 @@ async fn job_environment_and_stdin_match_a_real_serf_handler() {
             .lines()
             .any(|l| l.starts_with("contract-2\t") && l.contains("ver=2"))
     }) {
-        assert!(Instant::now() < wait, "Serf's handler ran for contract-2's new tags");
+        assert!(
+            Instant::now() < wait,
+            "Serf's handler ran for contract-2's new tags"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The operator's own node is retagged: Serf's handlers see the new role from then on,

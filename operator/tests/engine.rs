@@ -1161,3 +1161,60 @@ spec:
     let changed = engine.take_changed();
     assert!(changed.contains_key("many") && changed.contains_key("big"));
 }
+
+/// Members with the same tags share one copy of them; tag sets no member uses any more are
+/// dropped as the table grows, so that churning tags do not accumulate.
+#[test]
+fn tag_sets_are_shared_and_unused_ones_dropped() {
+    let mut m = Membership::default();
+    fn with(m: &mut Membership, name: &str, tags: &[(&str, &str)], status: MemberStatus) {
+        let mut mem = member(name, "web", status);
+        mem.tags = tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.observe(MemberEventKind::Join, &mem, 1);
+    }
+    for i in 0..5_000 {
+        with(
+            &mut m,
+            &format!("n{i}"),
+            &[("role", "web"), ("zone", "a")],
+            MemberStatus::Alive,
+        );
+    }
+    assert_eq!(m.tag_sets.len(), 1);
+    assert!(std::sync::Arc::ptr_eq(
+        &m.members["n0"].tags,
+        &m.members["n4999"].tags
+    ));
+    // Every member gets a tag of its own, then they all go back to a common set.
+    for round in 0..3 {
+        for i in 0..5_000 {
+            let id = format!("{round}-{i}");
+            with(
+                &mut m,
+                &format!("n{i}"),
+                &[("role", "web"), ("id", &id)],
+                MemberStatus::Alive,
+            );
+        }
+    }
+    for i in 0..5_000 {
+        with(
+            &mut m,
+            &format!("n{i}"),
+            &[("role", "web")],
+            MemberStatus::Alive,
+        );
+    }
+    // 15,001 sets were made; far fewer are kept.
+    assert!(m.tag_sets.len() < 11_000, "{}", m.tag_sets.len());
+    let mut again = member("n0", "web", MemberStatus::Alive);
+    again.tags = [("role".to_string(), "web".to_string())].into();
+    m.observe(MemberEventKind::Join, &again, 2);
+    assert!(std::sync::Arc::ptr_eq(
+        &m.members["n0"].tags,
+        &m.members["n1"].tags
+    ));
+}

@@ -160,14 +160,16 @@ fn client() -> (Client, Shared) {
 fn member(i: usize, status: &str) -> MemberRecord {
     MemberRecord {
         status: status.into(),
-        tags: [
-            (
-                "role".to_string(),
-                if i.is_multiple_of(3) { "db" } else { "web" }.to_string(),
-            ),
-            ("dc".to_string(), "eu-west-1".to_string()),
-        ]
-        .into(),
+        tags: Arc::new(
+            [
+                (
+                    "role".to_string(),
+                    if i.is_multiple_of(3) { "db" } else { "web" }.to_string(),
+                ),
+                ("dc".to_string(), "eu-west-1".to_string()),
+            ]
+            .into(),
+        ),
         version: 1 + (i % 4) as u64,
         addr: Some(
             format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256)
@@ -186,6 +188,7 @@ fn membership(n: usize) -> Membership {
             .collect(),
         epoch: 2,
         event_clock: 417,
+        ..Membership::default()
     }
 }
 
@@ -217,6 +220,13 @@ async fn ten_thousand_members_round_trip_and_one_change_writes_one_key() {
     assert!(!loaded.legacy);
     assert_eq!(loaded.skipped, 0);
     assert_eq!(loaded.membership, m);
+    // Read back, members with the same tags share one copy: two tag sets for 10,000.
+    assert_eq!(loaded.membership.tag_sets.len(), 2);
+    let (a, b) = (
+        &loaded.membership.members["node-0"].tags,
+        &loaded.membership.members["node-3"].tags,
+    );
+    assert!(Arc::ptr_eq(a, b));
 
     // One member fails: one merge patch naming one key, some 200 bytes.
     store.lock().unwrap().seen.clear();
@@ -330,12 +340,14 @@ async fn bad_entries_and_odd_members_lose_nothing_else() {
     let mut m = membership(100);
     // A member with 1,000 tags, one with 64 KiB of tags, names that are not ConfigMap keys.
     let mut many = member(1, "alive");
-    many.tags = (0..1_000)
-        .map(|i| (format!("t{i}"), format!("v{i}")))
-        .collect();
+    many.tags = Arc::new(
+        (0..1_000)
+            .map(|i| (format!("t{i}"), format!("v{i}")))
+            .collect(),
+    );
     m.members.insert("many-tags".into(), many);
     let mut big = member(2, "alive");
-    big.tags = [("blob".to_string(), "x".repeat(64 * 1024))].into();
+    big.tags = Arc::new([("blob".to_string(), "x".repeat(64 * 1024))].into());
     m.members.insert("big-tags".into(), big);
     m.members
         .insert("host/with:odd chars".into(), member(3, "failed"));
