@@ -1,4 +1,5 @@
-//! Real Serf agents on loopback for tests.
+//! Real Serf agents on loopback for tests, and a synthetic agent that speaks their RPC
+//! protocol for scale tests ([`synthetic`]).
 //!
 //! Starts HashiCorp `serf agent` processes (Debian package `serf`; the binary
 //! is `$SERF_BIN` or `serf` in `PATH`) on 127.0.0.1 with free ports, one
@@ -36,6 +37,7 @@ mod cli;
 mod cluster;
 mod config;
 mod port;
+pub mod synthetic;
 
 pub use agent::{
     Agent, CONFIG_FILE, KEEP_DIRS_ENV, KEYRING_FILE, LOG_FILE, MemberInfo, START_TIMEOUT,
@@ -45,3 +47,4 @@ pub use cli::{DEFAULT_CLI_TIMEOUT, keygen, serf_binary, serf_output};
 pub use cluster::{CONVERGE_TIMEOUT, Cluster};
 pub use config::AgentConfig;
 pub use port::{free_port, port_is_free};
+pub use synthetic::{SyntheticAgent, SyntheticConfig, SyntheticMember};
