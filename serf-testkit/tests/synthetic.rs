@@ -241,6 +241,20 @@ async fn conversation(
         "stats before auth",
         c.call("stats", 4, None, true).await,
     ));
+    // A refused request's body is not read: the agent takes it as the next header, which
+    // keeps the previous command and seq, and refuses it again.
+    let ev = map(&[
+        ("Name", Value::from("early")),
+        ("Payload", Value::Binary(b"x".to_vec())),
+        ("Coalesce", Value::from(false)),
+    ]);
+    let (h1, _) = c.call("event", 30, Some(ev), false).await;
+    let (h2, _) = c.reply(30, false).await;
+    steps.push(Step {
+        label: "event before auth",
+        frames: vec![h1, h2],
+        closed: false,
+    });
     let auth = |k: &str| Some(map(&[("AuthKey", Value::from(k))]));
     steps.push(step(
         "bad auth",
@@ -403,6 +417,22 @@ async fn conversation(
     let mut s = step("unknown command", r);
     s.closed = c.closed().await;
     steps.push(s);
+
+    // A members-filtered regex that does not compile: the connection closes, no reply.
+    let mut c = Raw::connect(addr).await;
+    c.call("handshake", 1, hs(1), false).await;
+    c.call("auth", 2, auth(AUTH), false).await;
+    let bad = map(&[
+        ("Tags", Value::Nil),
+        ("Status", Value::from("")),
+        ("Name", Value::from("(")),
+    ]);
+    c.send("members-filtered", 3, Some(bad)).await;
+    steps.push(Step {
+        label: "bad regex",
+        frames: Vec::new(),
+        closed: c.closed().await,
+    });
     steps
 }
 
@@ -427,9 +457,16 @@ fn compare(real: &[Step], synthetic: &[Step]) {
                 assert_eq!(key_order(rf), key_order(sf), "{what}: frame {i} key order");
             }
         }
-        let (rh, sh) = (&r.frames[0], &s.frames[0]);
-        assert_eq!(get(rh, "Error"), get(sh, "Error"), "{what}: error string");
-        assert_eq!(get(rh, "Seq"), get(sh, "Seq"), "{what}: seq");
+        let is_header = |v: &Value| key_order(v) == ["\"Error\"", "\"Seq\""];
+        for (rh, sh) in r
+            .frames
+            .iter()
+            .zip(&s.frames)
+            .filter(|(rh, _)| is_header(rh))
+        {
+            assert_eq!(get(rh, "Error"), get(sh, "Error"), "{what}: error string");
+            assert_eq!(get(rh, "Seq"), get(sh, "Seq"), "{what}: seq");
+        }
         // Member maps: keys in the agent's order.
         if let Some(body) = r.frames.get(1) {
             let members = |b: &Value| get(b, "Members").as_array().cloned().unwrap_or_default();
@@ -486,6 +523,20 @@ async fn frames_match_a_real_agent() {
     .await;
     drop(joined);
     compare(&real_steps, &synthetic_steps);
+    let closing: Vec<&str> = real_steps
+        .iter()
+        .filter(|s| s.closed)
+        .map(|s| s.label)
+        .collect();
+    assert_eq!(
+        closing,
+        ["before handshake", "unknown command", "bad regex"]
+    );
+    let twice = real_steps
+        .iter()
+        .find(|s| s.label == "event before auth")
+        .unwrap();
+    assert_eq!(twice.frames.len(), 2);
 
     // The stats sections and their keys, beyond the kinds compared above.
     let stats = |steps: &[Step]| {
