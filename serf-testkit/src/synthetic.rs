@@ -496,6 +496,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SyntheticAgent {
     /// Binds 127.0.0.1 on a free port and starts serving RPC connections.
     ///
+    /// Must run inside a tokio runtime with the `net` and `time` drivers: the agent's tasks
+    /// (listener, connections, coalescing) are spawned on it.
+    ///
     /// # Errors
     /// When the port cannot be bound.
     pub async fn start(cfg: SyntheticConfig) -> io::Result<SyntheticAgent> {

@@ -792,3 +792,70 @@ async fn queries_are_answered_through_the_client_and_recorded() {
     assert!(client.is_closed());
     assert!(Client::connect(client_config(&agent)).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_leave_tags_and_leave_commands_change_the_cluster() {
+    let agent = SyntheticAgent::start(
+        SyntheticConfig::new("cmds")
+            .tag("role", "web")
+            .members([SyntheticMember::new("gone"), SyntheticMember::new("alive")])
+            .coalesce(None),
+    )
+    .await
+    .unwrap();
+    let client = Client::connect(client_config(&agent)).await.unwrap();
+    let mut stream = client
+        .stream("member-leave,member-reap,member-update")
+        .await
+        .unwrap();
+
+    agent.fail(["gone"]);
+    client.force_leave("gone", false).await.unwrap();
+    let Event::Member(m) = next(&mut stream).await else {
+        panic!("a member event")
+    };
+    assert_eq!(m.kind.as_str(), "member-leave");
+    assert_eq!(m.members[0].status.as_str(), "left");
+    client.force_leave("gone", true).await.unwrap();
+    let Event::Member(m) = next(&mut stream).await else {
+        panic!("a member event")
+    };
+    assert_eq!(
+        (m.kind.as_str(), m.members[0].status.as_str()),
+        ("member-reap", "left")
+    );
+    assert_eq!(agent.status("gone"), None);
+    // An alive member is not force-left, and an unknown one is no error.
+    client.force_leave("alive", true).await.unwrap();
+    client.force_leave("nobody", false).await.unwrap();
+    assert_eq!(agent.status("alive"), Some(Status::Alive));
+
+    client
+        .tags(
+            &[("dc".to_string(), "east".to_string())].into(),
+            &["role".to_string()],
+        )
+        .await
+        .unwrap();
+    let Event::Member(m) = next(&mut stream).await else {
+        panic!("a member event")
+    };
+    assert_eq!(m.kind.as_str(), "member-update");
+    assert_eq!(m.members[0].name, "cmds");
+    assert_eq!(
+        m.members[0].tags,
+        [("dc".to_string(), "east".to_string())].into()
+    );
+    let stats = client.stats().await.unwrap();
+    assert_eq!(
+        stats["tags"],
+        [("dc".to_string(), "east".to_string())].into()
+    );
+
+    client.leave().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !agent.is_stopped() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(agent.is_stopped());
+}
