@@ -161,7 +161,8 @@ def test_rbac_is_least_privilege():
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch", "delete"],
          "resourceNames": ["serf-operator-membership", "serf-operator-pending-launches",
-                           "serf-operator-keyring"]}]
+                           "serf-operator-keyring"]
+         + [f"serf-operator-membership-{i:02d}" for i in range(64)]}]
     lease = [r for r in state["rules"] if r["resources"] == ["leases"]]
     assert lease[1]["resourceNames"] == ["serf-operator"]
 
@@ -182,6 +183,8 @@ def test_state_objects_are_named_per_release():
         names = {n for r in state["rules"] for n in r.get("resourceNames", [])}
         assert {f"{prefix}-membership", f"{prefix}-pending-launches", f"{prefix}-keyring",
                 prefix} <= names, names
+        assert {f"{prefix}-membership-00", f"{prefix}-membership-63"} <= names, names
+        assert not any(n.startswith("serf-operator-") for n in names if prefix != "serf-operator")
         vol = [v for v in pod["volumes"] if v["name"] == "serf-keyring-state"][0]
         assert vol["configMap"]["name"] == f"{prefix}-keyring"
         # The release's Deployment owns them (garbage-collected at uninstall), read by name.

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::contract::SelfNode;
 use crate::engine::{Action, ActiveJobs, Context, Engine, Launch, Membership, Outcome, SkipReason};
 use crate::jobs::HandlerRef;
+use crate::record::RecordChanges;
 
 /// What the Serf link delivers, in order.
 #[derive(Debug)]
@@ -135,9 +136,10 @@ pub trait Effects: Send {
     fn routed(&mut self) {}
     /// A query answered.
     fn answered(&mut self) {}
-    /// The membership changed: the members each handler's filters select, and the record
-    /// to persist.
-    fn membership(&mut self, _selected: Vec<(HandlerRef, Vec<Member>)>, _record: &Membership) {}
+    /// The members each of these handlers' filters select (their status shows them).
+    fn selected(&mut self, _selected: Vec<(HandlerRef, Vec<Member>)>) {}
+    /// What changed in the membership record, to persist.
+    fn record_changed(&mut self, _changes: RecordChanges) {}
     /// The Serf link went up or down.
     fn serf_link(&mut self, _up: bool) {}
     /// The agent connection now in use (None: disconnected).
@@ -183,7 +185,17 @@ pub struct Dispatcher<E> {
     /// The agent had not joined anyone when its clock was read: read it again at the next
     /// member-join.
     epoch_check_pending: bool,
+    /// The record's clocks (epoch, user-event clock) as last handed to be persisted.
+    clocks: (u64, u64),
+    /// Members changed since the handlers' selections were last published.
+    selection_dirty: bool,
+    /// When the handlers' selections were last published after member events.
+    selection_at: Option<Instant>,
 }
+
+/// How often, at most, member events republish every handler's member selection (a storm
+/// of thousands of member events is one selection a second, not one an event).
+pub const SELECTION_EVERY: Duration = Duration::from_secs(1);
 
 impl<E: Effects> Dispatcher<E> {
     /// A dispatcher starting from `membership` (the persisted record), with `pod` (name,
@@ -195,6 +207,7 @@ impl<E: Effects> Dispatcher<E> {
         active: Box<dyn ActiveJobs + Send>,
         effects: E,
     ) -> Self {
+        let clocks = (membership.epoch, membership.event_clock);
         Dispatcher {
             engine: Engine::new(&[], membership),
             node: SelfNode::default(),
@@ -205,6 +218,9 @@ impl<E: Effects> Dispatcher<E> {
             effects,
             catch_up: true,
             epoch_check_pending: false,
+            clocks,
+            selection_dirty: false,
+            selection_at: None,
         }
     }
 
@@ -261,6 +277,7 @@ impl<E: Effects> Dispatcher<E> {
                 self.leader = leader;
                 if became {
                     if let Some(m) = membership {
+                        self.clocks = (m.epoch, m.event_clock);
                         self.engine.set_membership(m);
                     }
                     if let Some(c) = self.serf.clone() {
@@ -389,7 +406,6 @@ impl<E: Effects> Dispatcher<E> {
             tracing::debug!("not the leader: member event left to the leader");
             return;
         }
-        let epoch = self.engine.membership().epoch;
         let outcome = {
             let ctx = Context {
                 node: &self.node,
@@ -406,11 +422,11 @@ impl<E: Effects> Dispatcher<E> {
             return;
         }
         self.act(outcome, received).await;
-        if !member && self.engine.membership().epoch != epoch {
-            self.publish_membership();
-        }
         if member {
             self.publish_membership();
+        } else {
+            // The user-event clock moved (and perhaps the epoch): the record's header.
+            self.publish_record();
         }
     }
 
@@ -419,22 +435,40 @@ impl<E: Effects> Dispatcher<E> {
     async fn catch_up_members(&mut self, c: &serf_client::Client) {
         match c.members().await {
             Ok(current) => {
-                for ev in self
+                let started = Instant::now();
+                let missed = self
                     .engine
                     .membership()
-                    .diff(&current, crate::ledger::unix_now())
-                {
+                    .diff(&current, crate::ledger::unix_now());
+                let (events, members) = (
+                    missed.len(),
+                    missed.iter().map(|e| e.members.len()).sum::<usize>(),
+                );
+                for ev in missed {
                     let ev = Event::Member(ev);
                     let key = crate::engine::describe(&ev).1;
                     let span = tracing::info_span!("event", event = %key, replayed = true);
                     async {
-                        tracing::info!("replaying a missed member event");
+                        tracing::info!(
+                            members = match &ev {
+                                Event::Member(m) => m.members.len(),
+                                _ => 0,
+                            },
+                            "replaying a missed member event"
+                        );
                     }
                     .instrument(span.clone())
                     .await;
                     self.event(&ev, Instant::now(), true).instrument(span).await;
                 }
                 self.publish_membership();
+                tracing::info!(
+                    agent_members = current.len(),
+                    events,
+                    members,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "membership caught up with the agent"
+                );
             }
             Err(e) => tracing::warn!(error = %e, "cannot list the agent's members"),
         }
@@ -576,14 +610,67 @@ impl<E: Effects> Dispatcher<E> {
         }
     }
 
+    /// After member events: the record's changes now, the handlers' selections at most
+    /// every [`SELECTION_EVERY`] (the run loop publishes what is left when it is up).
     fn publish_membership(&mut self) {
-        let all: Vec<HandlerRef> = self.engine.router().handler_refs().cloned().collect();
-        self.publish_membership_for(&all);
+        self.publish_record();
+        if self
+            .selection_at
+            .is_some_and(|at| at.elapsed() < SELECTION_EVERY)
+        {
+            self.selection_dirty = true;
+        } else {
+            self.publish_selection();
+        }
     }
 
-    /// Publishes the membership record and, for `handlers`, the members their filters
-    /// select.
+    /// Every handler's member selection, now.
+    pub fn publish_selection(&mut self) {
+        self.selection_dirty = false;
+        self.selection_at = Some(Instant::now());
+        let all: Vec<HandlerRef> = self.engine.router().handler_refs().cloned().collect();
+        self.publish_selection_for(&all);
+    }
+
+    /// When the run loop has to publish the selections held back, if any.
+    fn selection_due(&self) -> Option<Instant> {
+        if !self.selection_dirty {
+            return None;
+        }
+        Some(
+            self.selection_at
+                .map_or_else(Instant::now, |at| at + SELECTION_EVERY),
+        )
+    }
+
+    /// Hands the members changed since the last call (and the clocks, when they moved) to
+    /// be persisted.
+    fn publish_record(&mut self) {
+        let members = self.engine.take_changed();
+        let m = self.engine.membership();
+        let clocks = (m.epoch, m.event_clock);
+        let header = (clocks != self.clocks).then_some(clocks);
+        self.clocks = clocks;
+        let changes = RecordChanges {
+            members,
+            header,
+            legacy: false,
+        };
+        if !changes.is_empty() {
+            self.effects.record_changed(changes);
+        }
+    }
+
+    /// Publishes the record's changes and, for `handlers`, the members their filters select.
     fn publish_membership_for(&mut self, handlers: &[HandlerRef]) {
+        self.publish_record();
+        self.publish_selection_for(handlers);
+    }
+
+    fn publish_selection_for(&mut self, handlers: &[HandlerRef]) {
+        if handlers.is_empty() {
+            return;
+        }
         let members: Vec<Member> = self
             .engine
             .membership()
@@ -617,8 +704,7 @@ impl<E: Effects> Dispatcher<E> {
                 (h.clone(), ms)
             })
             .collect();
-        let record = self.engine.membership().clone();
-        self.effects.membership(selected, &record);
+        self.effects.selected(selected);
     }
 
     /// Runs until `input` closes or `shutdown` resolves: Serf items in order, Kubernetes
@@ -632,6 +718,7 @@ impl<E: Effects> Dispatcher<E> {
         tokio::pin!(shutdown);
         loop {
             let due = self.next_deadline();
+            let selection = self.selection_due();
             let sleep = async {
                 match due {
                     Some(d) => {
@@ -651,6 +738,12 @@ impl<E: Effects> Dispatcher<E> {
                     None => break,
                 },
                 _ = sleep => self.flush_due(),
+                _ = async {
+                    match selection {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.publish_selection(),
             }
         }
         self

@@ -18,11 +18,12 @@ use tracing::Instrument;
 
 use crate::answer::PendingAnswer;
 use crate::dispatch::{DropReason, Effects, RouteEvent, Severity};
-use crate::engine::{Launch, Membership, SkipReason};
+use crate::engine::{Launch, SkipReason};
 use crate::jobs::HandlerRef;
 use crate::launcher::{LaunchResult, Launcher, RetryPolicy};
 use crate::ledger::{self, Ledger};
 use crate::metrics::{CodeLabel, Metrics};
+use crate::record::{RecordChanges, SharedRecord};
 use crate::state::StatusMsg;
 
 /// The launch ledgers, shared by the launch workers (check, record) and the state writer
@@ -113,8 +114,8 @@ pub struct KubeEffects {
     pub sinks: Sinks,
     /// The launch queue.
     pub launches: mpsc::Sender<PendingLaunch>,
-    /// The membership record to persist (the state writer writes the newest).
-    pub membership: watch::Sender<Option<Membership>>,
+    /// The membership record's changes to persist (the state writer takes them).
+    pub record: SharedRecord,
     /// Whether the agent was connected before (so that the next connection is a reconnect).
     pub connected_before: bool,
     /// The current agent connection (queries answered from a Job's output go out on it).
@@ -202,14 +203,23 @@ impl Effects for KubeEffects {
         self.sinks.metrics.queries_answered.inc();
     }
 
-    fn membership(&mut self, selected: Vec<(HandlerRef, Vec<Member>)>, record: &Membership) {
+    fn selected(&mut self, selected: Vec<(HandlerRef, Vec<Member>)>) {
         for (h, members) in selected {
             let _ = self.sinks.status.try_send(StatusMsg::Members {
                 handler: h,
                 members,
             });
         }
-        self.membership.send_replace(Some(record.clone()));
+    }
+
+    fn record_changed(&mut self, changes: RecordChanges) {
+        self.sinks
+            .metrics
+            .members_changed
+            .inc_by(changes.members.len() as u64);
+        if let Ok(mut r) = self.record.lock() {
+            r.extend(changes);
+        }
     }
 
     fn connection(&mut self, serf: Option<&serf_client::Client>) {

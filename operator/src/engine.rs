@@ -3,7 +3,7 @@
 //! No I/O: time and the active Jobs come in as arguments, so the live operator, local mode,
 //! the `route` command and the tests share one engine.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -984,6 +984,8 @@ pub struct Engine {
     router: Router,
     membership: Membership,
     batches: BTreeMap<(HandlerRef, String, MemberEventKind), Batch>,
+    /// Members whose record changed since [`Engine::take_changed`].
+    changed: BTreeSet<String>,
 }
 
 impl Engine {
@@ -993,6 +995,7 @@ impl Engine {
             router: Router::new(handlers),
             membership,
             batches: BTreeMap::new(),
+            changed: BTreeSet::new(),
         }
     }
 
@@ -1019,6 +1022,20 @@ impl Engine {
     /// Replaces the membership last acted on (taking over from another replica).
     pub fn set_membership(&mut self, membership: Membership) {
         self.membership = membership;
+        self.changed.clear();
+    }
+
+    /// The records of the members that changed since the last call (what the membership
+    /// record has to write: O(changed), not the whole record).
+    pub fn take_changed(&mut self) -> BTreeMap<String, MemberRecord> {
+        let names = std::mem::take(&mut self.changed);
+        names
+            .into_iter()
+            .filter_map(|n| {
+                let r = self.membership.members.get(&n)?.clone();
+                Some((n, r))
+            })
+            .collect()
     }
 
     /// The membership last acted on.
@@ -1053,6 +1070,7 @@ impl Engine {
                     let o = self.membership.observe(m.kind, mem, now);
                     versions.insert(mem.name.clone(), o.version);
                     if o.news {
+                        self.changed.insert(mem.name.clone());
                         news.push(mem.clone());
                     }
                 }

@@ -11,7 +11,7 @@ use kube::Client;
 use tokio::sync::{mpsc, watch};
 
 use crate::dispatch::Control;
-use crate::error::{Error, timed};
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::state::StatusMsg;
 
@@ -72,6 +72,7 @@ pub async fn elect(
 
 /// Follows the verdict: on each change tells the dispatcher (with the persisted membership
 /// to take over, read here, off the event path) and the state writer, and counts it.
+#[allow(clippy::too_many_arguments)]
 pub async fn follow(
     mut verdict: watch::Receiver<bool>,
     client: Client,
@@ -80,6 +81,7 @@ pub async fn follow(
     status: mpsc::Sender<StatusMsg>,
     metrics: Arc<Metrics>,
     call_timeout: Duration,
+    record: crate::record::SharedRecord,
 ) {
     let mut was = *verdict.borrow_and_update();
     metrics.leader.set(i64::from(was));
@@ -108,12 +110,7 @@ pub async fn follow(
         }
         tracing::info!("holding the lease: acting on member events, triggers and pruning");
         let _ = status.send(StatusMsg::TookOver).await;
-        let membership = match timed(
-            "read the membership record",
-            call_timeout,
-            crate::ledger::read_membership(&client, &namespace),
-        )
-        .await
+        let membership = match crate::record::load(&client, &namespace, call_timeout, &record).await
         {
             Ok(m) => Some(m),
             Err(e) => {

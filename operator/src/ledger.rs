@@ -15,7 +15,7 @@
 //! names are always kept, names younger than 7 days are kept while among the newest 14,336
 //! or more, and never more than 16,384 are kept (about 530 KiB, in memory and in the
 //! cluster): all of these bounds exceed what Serf can replay (512 user events). A name in the
-//! ledger is not launched again. Also persisted here: the membership last acted on.
+//! ledger is not launched again.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -24,7 +24,6 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::engine::Membership;
 use crate::error::Error;
 use crate::jobs::HandlerRef;
 
@@ -581,52 +580,6 @@ pub async fn write_ledger(
         }
     }
     Ok(())
-}
-
-const MEMBERSHIP_KEY: &str = "membership.json";
-
-/// Reads the persisted membership (empty when absent).
-///
-/// # Errors
-/// Any API error but 404, or a record that does not decode.
-pub async fn read_membership(client: &Client, namespace: &str) -> Result<Membership, Error> {
-    let name = crate::objects::membership();
-    match read_key(client, namespace, &name, MEMBERSHIP_KEY)
-        .await
-        .map_err(|e| Error::kube("read the membership record", e))?
-    {
-        Some(text) => serde_json::from_str(&text).map_err(|e| Error::Corrupt {
-            what: format!("ConfigMap {name}"),
-            message: e.to_string(),
-        }),
-        None => Ok(Membership::default()),
-    }
-}
-
-/// Persists the membership last acted on.
-///
-/// # Errors
-/// The API error.
-pub async fn write_membership(
-    client: &Client,
-    namespace: &str,
-    m: &Membership,
-) -> Result<(), Error> {
-    let text = serde_json::to_string(m).map_err(|e| Error::Corrupt {
-        what: "the membership record".into(),
-        message: e.to_string(),
-    })?;
-    write_key(
-        client,
-        namespace,
-        &crate::objects::membership(),
-        json!({}),
-        crate::objects::owner(),
-        MEMBERSHIP_KEY,
-        &text,
-    )
-    .await
-    .map_err(|e| Error::kube("write the membership record", e))
 }
 
 #[cfg(test)]

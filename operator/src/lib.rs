@@ -13,7 +13,8 @@
 //! - Serf membership as service discovery (selection, endpoints, slicing at 1,000): [`discovery`];
 //! - leader election: [`leader`];
 //! - the retry policy for Job creation: [`launcher`];
-//! - the state written back (status, ledgers, membership): [`state`], [`status`], [`ledger`];
+//! - the state written back (status, ledgers, membership): [`state`], [`status`], [`ledger`],
+//!   [`record`];
 //! - errors and their retry category: [`error`]; admin endpoints: [`admin`]; wiring: [`run`].
 
 pub mod admin;
@@ -36,6 +37,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod naming;
 pub mod objects;
+pub mod record;
 pub mod report;
 pub mod run;
 pub mod state;

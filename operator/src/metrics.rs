@@ -80,6 +80,12 @@ pub struct Metrics {
     pub handlers_compiled: Counter,
     /// Time spent bringing the route table up to date with handler changes.
     pub route_table_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Member state changes acted on (a member event's members whose state it changed).
+    pub members_changed: Counter,
+    /// API calls writing the membership record.
+    pub record_writes: Counter,
+    /// Request bytes sent writing the membership record.
+    pub record_bytes: Counter,
     ready_serf: AtomicBool,
     ready_caches: AtomicBool,
 }
@@ -110,6 +116,9 @@ impl Metrics {
             lease_transitions: Counter::default(),
             handlers_compiled: Counter::default(),
             route_table_seconds: Counter::default(),
+            members_changed: Counter::default(),
+            record_writes: Counter::default(),
+            record_bytes: Counter::default(),
             ready_serf: AtomicBool::new(false),
             ready_caches: AtomicBool::new(false),
             registry: Registry::default(),
@@ -184,6 +193,21 @@ impl Metrics {
             "key_rotation_errors",
             "Key rotation steps that failed and are tried again (agent unreachable, record not written)",
             m.key_rotation_errors.clone(),
+        );
+        registry.register(
+            "members_changed",
+            "Member state changes acted on (joins, failures, leaves, updates, reaps of members whose state they changed)",
+            m.members_changed.clone(),
+        );
+        registry.register(
+            "membership_record_writes",
+            "API calls writing the membership record (one a shard touched, and the header)",
+            m.record_writes.clone(),
+        );
+        registry.register(
+            "membership_record_bytes",
+            "Request bytes sent writing the membership record",
+            m.record_bytes.clone(),
         );
         registry.register(
             "leader",

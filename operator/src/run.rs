@@ -37,6 +37,7 @@ use crate::launcher::RetryPolicy;
 use crate::leader;
 pub use crate::leader::LeaderElection;
 use crate::metrics::{KindLabel, Metrics};
+use crate::record::SharedRecord;
 use crate::state::{StateConfig, StateWriter, StatusMsg};
 use crate::status::RouteEvent;
 
@@ -267,7 +268,7 @@ pub async fn run(
     let (launch_tx, launch_rx) = mpsc::channel::<PendingLaunch>(cfg.queue_size.max(1));
     let (control_tx, control_rx) = mpsc::channel::<Control>(64);
     let (input_tx, input_rx) = mpsc::channel::<Input>(cfg.queue_size.max(1));
-    let (membership_tx, membership_rx) = watch::channel(None);
+    let record: SharedRecord = Arc::default();
     let (serf_tx, serf_rx) = watch::channel::<Option<serf_client::Client>>(None);
     let ledger: SharedLedger = Arc::new(Mutex::new(crate::ledger::Ledger::default()));
     let sinks = Sinks {
@@ -292,6 +293,7 @@ pub async fn run(
         status_tx.clone(),
         metrics.clone(),
         cfg.call_timeout,
+        record.clone(),
     ));
 
     // API work, each on a task of its own.
@@ -303,9 +305,10 @@ pub async fn run(
             call_timeout: cfg.call_timeout,
         },
         ledger.clone(),
+        record.clone(),
+        Some(metrics.clone()),
     );
-    let state_task =
-        tokio::spawn(state.run(status_rx, verdict.clone(), membership_rx, stop_rx.clone()));
+    let state_task = tokio::spawn(state.run(status_rx, verdict.clone(), stop_rx.clone()));
     let events_task = tokio::spawn(crate::effects::publish_events(
         client.clone(),
         cfg.pod_name.clone(),
@@ -448,19 +451,14 @@ pub async fn run(
     }
 
     // The membership last acted on, to start from.
-    let membership = match crate::error::timed(
-        "read the membership record",
-        cfg.call_timeout,
-        crate::ledger::read_membership(&client, &cfg.state_namespace),
-    )
-    .await
-    {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the membership record; starting empty");
-            Default::default()
-        }
-    };
+    let membership =
+        match crate::record::load(&client, &cfg.state_namespace, cfg.call_timeout, &record).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the membership record; starting empty");
+                Default::default()
+            }
+        };
 
     // Gossip key rotation from the keyring Secret (the leader acts).
     if let Some(k) = &cfg.keyring {
@@ -517,7 +515,7 @@ pub async fn run(
         KubeEffects {
             sinks: sinks.clone(),
             launches: launch_tx,
-            membership: membership_tx,
+            record,
             connected_before: false,
             serf: None,
         },

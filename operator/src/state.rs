@@ -16,10 +16,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::dispatch::RouteEvent;
 use crate::effects::{PendingLaunch, SharedLedger};
-use crate::engine::{Launch, Membership, RouteError};
-use crate::error::{Error, kube_call, timed};
+use crate::engine::{Launch, RouteError};
+use crate::error::{Error, kube_call};
 use crate::jobs::HandlerRef;
 use crate::ledger::{self, FIELD_MANAGER};
+use crate::record::{RecordChanges, SharedRecord};
 use crate::status::StatusBook;
 
 /// A change to a handler's status.
@@ -88,12 +89,22 @@ pub struct StateWriter {
     /// The handlers present at the last `Present`.
     present: BTreeSet<(String, String)>,
     dropped_total: u64,
+    record: SharedRecord,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl StateWriter {
     /// A writer on `client`.
-    pub fn new(client: Client, cfg: StateConfig, ledger: SharedLedger) -> Self {
+    pub fn new(
+        client: Client,
+        cfg: StateConfig,
+        ledger: SharedLedger,
+        record: SharedRecord,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Self {
         StateWriter {
+            record,
+            metrics,
             client,
             cfg,
             book: StatusBook::default(),
@@ -172,9 +183,13 @@ impl StateWriter {
 
     /// Writes what changed. A standby discards it (the leader's view is the one written).
     /// Returns false when the membership record could not be written.
-    pub async fn flush(&mut self, leader: bool, membership: Option<Membership>) -> bool {
+    pub async fn flush(&mut self, leader: bool) -> bool {
         if !leader {
             let _ = self.book.take_dirty();
+            // The leader's view is the one written.
+            if let Ok(mut r) = self.record.lock() {
+                *r = RecordChanges::default();
+            }
             return true;
         }
         let t = self.cfg.call_timeout;
@@ -225,19 +240,41 @@ impl StateWriter {
                 self.book.mark_dirty(&k);
             }
         }
-        if let Some(m) = membership {
-            let r = timed(
-                "write the membership record",
-                t,
-                ledger::write_membership(&self.client, &self.cfg.namespace, &m),
-            )
-            .await;
-            if let Err(e) = r {
+        let changes = match self.record.lock() {
+            Ok(mut r) => std::mem::take(&mut *r),
+            Err(_) => RecordChanges::default(),
+        };
+        if changes.is_empty() {
+            return true;
+        }
+        let members = changes.members.len();
+        let (stats, r) = crate::record::write(&self.client, &self.cfg.namespace, changes, t).await;
+        self.metrics_record(stats);
+        match r {
+            Ok(()) => {
+                tracing::debug!(
+                    members,
+                    calls = stats.calls,
+                    bytes = stats.bytes,
+                    "membership record written"
+                );
+                true
+            }
+            Err((e, left)) => {
                 tracing::warn!(error = %e, "cannot persist the membership record; will retry");
-                return false;
+                if let Ok(mut r) = self.record.lock() {
+                    r.restore(left);
+                }
+                false
             }
         }
-        true
+    }
+
+    fn metrics_record(&self, stats: crate::record::WriteStats) {
+        if let Some(m) = &self.metrics {
+            m.record_writes.inc_by(stats.calls);
+            m.record_bytes.inc_by(stats.bytes);
+        }
     }
 
     /// Runs until `rx` closes or `stop` fires, writing every `interval` while `leader`
@@ -246,12 +283,10 @@ impl StateWriter {
         mut self,
         mut rx: mpsc::Receiver<StatusMsg>,
         leader: watch::Receiver<bool>,
-        mut membership: watch::Receiver<Option<Membership>>,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(self.cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pending_membership: Option<Membership> = None;
         loop {
             tokio::select! {
                 _ = until_set(&mut stop) => break,
@@ -259,16 +294,10 @@ impl StateWriter {
                     Some(m) => self.apply(m),
                     None => break,
                 },
-                Ok(()) = membership.changed() => {
-                    pending_membership = membership.borrow_and_update().clone();
-                }
                 _ = tick.tick() => {
                     let is_leader = *leader.borrow();
-                    let m = if is_leader { pending_membership.take() } else { None };
-                    if !self.flush(is_leader, m.clone()).await && pending_membership.is_none() {
-                        // Retried on the next tick (with the newest record if one came).
-                        pending_membership = m;
-                    }
+                    // What could not be written is kept and retried on the next tick.
+                    self.flush(is_leader).await;
                 }
             }
         }
@@ -276,10 +305,7 @@ impl StateWriter {
             self.apply(m);
         }
         let is_leader = *leader.borrow();
-        let m = membership.borrow().clone();
-        let _ = self
-            .flush(is_leader, if is_leader { m } else { None })
-            .await;
+        let _ = self.flush(is_leader).await;
     }
 }
 

@@ -147,7 +147,6 @@ async fn queries_answered_and_no_job_lost_while_the_api_server_is_away() {
         sinks.clone(),
         serf_tx,
     ));
-    let (membership_tx, _m) = watch::channel(None);
     let d = Dispatcher::new(
         Membership::default(),
         ("op".into(), "ns".into()),
@@ -156,7 +155,7 @@ async fn queries_answered_and_no_job_lost_while_the_api_server_is_away() {
         KubeEffects {
             sinks: sinks.clone(),
             launches: launch_tx,
-            membership: membership_tx,
+            record: Default::default(),
             connected_before: false,
             serf: None,
         },

@@ -890,7 +890,13 @@ async fn the_state_writer_reads_a_ledger_before_writing_it_and_writes_only_what_
         interval: Duration::from_secs(1),
         call_timeout: Duration::from_secs(5),
     };
-    let mut writer = serf_operator::state::StateWriter::new(client, cfg, ledger.clone());
+    let mut writer = serf_operator::state::StateWriter::new(
+        client,
+        cfg,
+        ledger.clone(),
+        Default::default(),
+        None,
+    );
     let web = serf_operator::jobs::HandlerRef {
         namespace: "apps".into(),
         name: "web".into(),
@@ -903,7 +909,7 @@ async fn the_state_writer_reads_a_ledger_before_writing_it_and_writes_only_what_
         .record(&web, "web-deploy-new", 1_800_000_000);
 
     let flush = tokio::spawn(async move {
-        let ok = writer.flush(true, None).await;
+        let ok = writer.flush(true).await;
         (writer, ok)
     });
     // Read first: the stored segment 0 is full, so the launch starts segment 1.
@@ -947,7 +953,7 @@ async fn the_state_writer_reads_a_ledger_before_writing_it_and_writes_only_what_
     assert!(ledger.lock().unwrap().is_recorded(&web, "web-deploy-00000"));
 
     // The next flush writes it again (no second read), and then it counts as recorded.
-    let flush = tokio::spawn(async move { writer.flush(true, None).await });
+    let flush = tokio::spawn(async move { writer.flush(true).await });
     let again = expect(
         &mut h,
         Method::PATCH,

@@ -1,6 +1,7 @@
 //! The dispatcher with a fake effects implementation: every action kind (launch, answer,
 //! skip, coalesce), the leader gate on member events, concurrency skips, coalescing, drops by
-//! reason, and the membership handed to the effects. No Kubernetes, no agent: decisions only.
+//! reason, and the membership handed to the effects (only what changed, the selections at most
+//! once a second). No Kubernetes, no agent: decisions only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use serf_operator::dispatch::{
 use serf_operator::engine::{ActiveJobs, Launch, Membership, NoActiveJobs, Outcome};
 use serf_operator::jobs::HandlerRef;
 use serf_operator::manifests::parse_handlers;
+use serf_operator::record::RecordChanges;
 
 const HANDLERS: &str = r#"
 apiVersion: serf.operator.io/v1alpha1
@@ -66,6 +68,9 @@ struct Fake {
     answers: Vec<(u64, Vec<u8>)>,
     dropped: BTreeMap<DropReason, u64>,
     members: BTreeMap<String, Vec<String>>,
+    /// How many times the selections were published.
+    selections: usize,
+    records: Vec<RecordChanges>,
 }
 
 impl Effects for Fake {
@@ -111,7 +116,11 @@ impl Effects for Fake {
     fn dropped(&mut self, reason: DropReason, count: u64) {
         *self.dropped.entry(reason).or_default() += count;
     }
-    fn membership(&mut self, selected: Vec<(HandlerRef, Vec<Member>)>, _record: &Membership) {
+    fn record_changed(&mut self, changes: RecordChanges) {
+        self.records.push(changes);
+    }
+    fn selected(&mut self, selected: Vec<(HandlerRef, Vec<Member>)>) {
+        self.selections += 1;
         self.members = selected
             .iter()
             .map(|(h, ms)| (h.to_string(), ms.iter().map(|m| m.name.clone()).collect()))
@@ -399,4 +408,84 @@ async fn lagging_counts_overflow_drops() {
     let mut d = dispatcher(true, Box::new(NoActiveJobs));
     d.input(Input::Lagged(5)).await;
     assert_eq!(d.effects().dropped[&DropReason::Overflow], 5);
+}
+
+#[tokio::test]
+async fn only_changed_members_go_to_the_record_and_selections_are_throttled() {
+    let mut d = dispatcher(true, Box::new(NoActiveJobs));
+    with_handlers(&mut d).await;
+    let before = d.effects().selections;
+    d.input(member(
+        MemberEventKind::Join,
+        "db-1",
+        "db",
+        MemberStatus::Alive,
+    ))
+    .await;
+    d.input(member(
+        MemberEventKind::Join,
+        "web-1",
+        "web",
+        MemberStatus::Alive,
+    ))
+    .await;
+    // The same join again is not news: nothing more to write.
+    d.input(member(
+        MemberEventKind::Join,
+        "web-1",
+        "web",
+        MemberStatus::Alive,
+    ))
+    .await;
+    d.input(member(
+        MemberEventKind::Failed,
+        "db-1",
+        "db",
+        MemberStatus::Failed,
+    ))
+    .await;
+    let f = d.effects();
+    let written: Vec<Vec<(String, String)>> = f
+        .records
+        .iter()
+        .map(|c| {
+            c.members
+                .iter()
+                .map(|(n, r)| (n.clone(), r.status.clone()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [
+            vec![("db-1".to_string(), "alive".to_string())],
+            vec![("web-1".to_string(), "alive".to_string())],
+            vec![("db-1".to_string(), "failed".to_string())],
+        ]
+    );
+    assert!(f.records.iter().all(|c| c.header.is_none() && !c.legacy));
+    // Three member changes within a second: the first publishes at once, the rest wait.
+    assert_eq!(f.selections, before + 1);
+    assert_eq!(f.members["apps/db"], ["db-1"]);
+
+    // A user event moves the clock: the header alone.
+    d.input(user("deploy", 41)).await;
+    let last = d.effects().records.last().unwrap().clone();
+    assert!(last.members.is_empty());
+    assert_eq!(last.header, Some((0, 42)));
+
+    // The held-back selection is published once its second is up, by the run loop.
+    let (_in_tx, in_rx) = tokio::sync::mpsc::channel(1);
+    let (_c_tx, c_rx) = tokio::sync::mpsc::channel(1);
+    let mut d = d
+        .run(
+            in_rx,
+            c_rx,
+            tokio::time::sleep(Duration::from_millis(1_500)),
+        )
+        .await;
+    let f = d.effects();
+    assert_eq!(f.selections, before + 2);
+    // With what changed since: web-1 joined after the first publish.
+    assert_eq!(f.members["apps/db"], ["db-1", "web-1"]);
 }

@@ -1086,3 +1086,78 @@ spec:
         }
     }
 }
+
+/// A name that comes back with other tags (a node rebuilt under the same name) is a new
+/// state: routed by its new tags, a new Job, a new version; members with 1,000 tags or 64 KiB
+/// of tags route like any other and their tags reach the record whole.
+#[test]
+fn a_reused_name_with_new_tags_and_huge_tag_sets_are_routed_and_recorded() {
+    let handlers = handler(&format!(
+        r#"
+apiVersion: serf.operator.io/v1alpha1
+kind: SerfHandler
+metadata: {{name: m, namespace: ops}}
+spec:
+  routes:
+    - name: db-joins
+      events: member-join
+      members: {{role: db}}
+{JOB}
+"#
+    ));
+    let mut engine = Engine::new(&handlers, Membership::default());
+    let n = node("web");
+    let join = |m: Member| members_event(MemberEventKind::Join, vec![m]);
+    let web = route(
+        &mut engine,
+        &join(member("node-7", "web", MemberStatus::Alive)),
+        &n,
+    );
+    assert!(launches(&web).is_empty(), "a web member is not selected");
+    let left = members_event(
+        MemberEventKind::Leave,
+        vec![member("node-7", "web", MemberStatus::Left)],
+    );
+    let _ = route(&mut engine, &left, &n);
+    // Rebuilt as a db node under the same name.
+    let db = route(
+        &mut engine,
+        &join(member("node-7", "db", MemberStatus::Alive)),
+        &n,
+    );
+    assert_eq!(launches(&db).len(), 1, "{db:?}");
+    let r = &engine.membership().members["node-7"];
+    assert_eq!(r.tags["role"], "db");
+    assert_eq!(r.version, 3);
+    // The same name, alive, tags changed without leaving: news too (a member-update).
+    let mut retagged = member("node-7", "db", MemberStatus::Alive);
+    retagged.tags.insert("zone".into(), "b".into());
+    let update = route(
+        &mut engine,
+        &members_event(MemberEventKind::Update, vec![retagged]),
+        &n,
+    );
+    assert!(!update.no_news);
+    assert_eq!(engine.membership().members["node-7"].version, 4);
+
+    let mut many = member("many", "db", MemberStatus::Alive);
+    many.tags
+        .extend((0..1_000).map(|i| (format!("t{i}"), format!("v{i}"))));
+    let mut big = member("big", "db", MemberStatus::Alive);
+    big.tags.insert("blob".into(), "x".repeat(64 * 1024));
+    let o = route(
+        &mut engine,
+        &members_event(MemberEventKind::Join, vec![many, big]),
+        &n,
+    );
+    assert_eq!(launches(&o).len(), 1);
+    // Too large for the pod template's annotation: /serf/stdin comes from a Secret.
+    assert!(launches(&o)[0].stdin.is_some());
+    assert_eq!(engine.membership().members["many"].tags.len(), 1_001);
+    assert_eq!(
+        engine.membership().members["big"].tags["blob"].len(),
+        64 * 1024
+    );
+    let changed = engine.take_changed();
+    assert!(changed.contains_key("many") && changed.contains_key("big"));
+}
