@@ -613,6 +613,36 @@ impl SyntheticAgent {
         lock(&self.inner.streams).len()
     }
 
+    /// Records waiting in stream queues now (not yet written, not dropped), over all streams.
+    pub fn queued(&self) -> usize {
+        lock(&self.inner.streams)
+            .iter()
+            .map(|s| s.tx.max_capacity() - s.tx.capacity())
+            .sum()
+    }
+
+    /// Events held by coalescing windows that have not closed yet.
+    pub fn coalescing(&self) -> usize {
+        let co = lock(&self.inner.coalescer);
+        co.members.len() + co.users.values().map(|(_, evs)| evs.len()).sum::<usize>()
+    }
+
+    /// Waits until no event is held by coalescing and every stream queue is empty (each
+    /// record written to its socket or dropped), polling every 5 ms. False on timeout (a
+    /// subscriber that does not read keeps up to a queue's worth of records waiting).
+    pub async fn settled(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.coalescing() == 0 && self.queued() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Members known, the agent itself included, in any status.
     pub fn member_count(&self) -> usize {
         lock(&self.inner.state).members.len()

@@ -626,6 +626,8 @@ async fn storm_of_ten_thousand_failures_reaches_a_reading_client() {
         spread >= Duration::from_millis(1900),
         "spread over the duration: {spread:?}"
     );
+    assert!(agent.settled(WAIT).await);
+    assert_eq!(agent.queued(), 0);
     let (seen, client_dropped) = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
     assert_eq!(seen, 10_000);
     assert_eq!(client_dropped, 0);
@@ -665,6 +667,15 @@ async fn a_stalled_subscriber_loses_events_at_the_stream() {
     while agent.dropped() == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(
+        !agent.settled(Duration::from_millis(50)).await,
+        "records stay queued for a subscriber that does not read"
+    );
+    let queued = agent.queued();
+    assert!(
+        queued > 0 && queued <= 512,
+        "at most the agent's 512 queued: {queued}"
+    );
     let dropped = agent.dropped();
     println!(
         "events dropped at the stream: {dropped}, written to the socket: {}",
@@ -691,8 +702,8 @@ async fn coalescing_batches_member_and_user_events_like_the_agent() {
     let members = SyntheticMember::numbered("c", 0..1000, [("role", "web")]);
     let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
     let window = Coalesce {
-        period: Duration::from_millis(400),
-        quiescent: Duration::from_millis(100),
+        period: Duration::from_millis(600),
+        quiescent: Duration::from_millis(250),
     };
     let agent = SyntheticAgent::start(
         SyntheticConfig::new("co")
@@ -702,12 +713,13 @@ async fn coalescing_batches_member_and_user_events_like_the_agent() {
     .await
     .unwrap();
     // The agent's own join at start goes through the first window: let it pass.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.settled(WAIT).await);
     let client = Client::connect(client_config(&agent)).await.unwrap();
     let mut stream = client.stream("*").await.unwrap();
 
     agent.fail(&names[..500]);
     agent.fail(&names[500..]);
+    assert_eq!(agent.coalescing(), 1000, "held until the window closes");
     let Event::Member(m) = next(&mut stream).await else {
         panic!("a member event")
     };
