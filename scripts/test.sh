@@ -19,5 +19,5 @@ venv=target/test-venv
 "$venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk pytest pyyaml checkov==3.3.30
 "$venv/bin/python" -m pytest -q -rs charts/tests
 if [ -z "${KUBECONFIG:-}" ]; then
-  echo "==> NOTE: the cluster suites (tests/: cluster, ha, lifecycle, node, outage, validation, examples, watch, chart) were SKIPPED: set KUBECONFIG to a real cluster to run them"
+  echo "==> NOTE: the cluster suites (tests/: cluster, ha, lifecycle, node, outage, validation, examples, watch, chart, discovery) were SKIPPED: set KUBECONFIG to a real cluster to run them"
 fi

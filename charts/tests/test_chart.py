@@ -470,6 +470,48 @@ def test_rpc_for_jobs_only_when_enabled_and_only_with_auth():
 
 
 
+DISCOVERY_RULES = [
+    {"apiGroups": ["serf.operator.io"], "resources": ["serfservices"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["serf.operator.io"], "resources": ["serfservices/status"],
+     "verbs": ["get", "patch", "update"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+     "verbs": ["get", "list", "create", "patch", "delete"]},
+]
+
+
+def test_discovery_rbac_and_flag_only_when_enabled():
+    # Off by default: no rule on serfservices, services or endpointslices, no flag.
+    for values in ({}, {"watchNamespaces": ["apps"]}):
+        docs = render(values)
+        for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+            for r in role["rules"]:
+                assert not {"serfservices", "serfservices/status", "services", "endpointslices"} \
+                    & set(r["resources"]), (role["metadata"]["name"], r)
+        cs, _ = containers(docs)
+        assert "SERF_OPERATOR_DISCOVERY" not in env(cs["operator"])
+    # On, cluster-wide: the ClusterRole carries exactly these rules.
+    docs = render({"discovery": {"enabled": True}})
+    rules = by_kind(docs, "ClusterRole")[0]["rules"]
+    for want in DISCOVERY_RULES:
+        assert want in rules
+    cs, _ = containers(docs)
+    assert env(cs["operator"])["SERF_OPERATOR_DISCOVERY"] == "true"
+    # On, in watched namespaces: each namespace's Role, and nothing cluster-wide.
+    docs = render({"discovery": {"enabled": True}, "watchNamespaces": ["apps", "ops"]})
+    assert not by_kind(docs, "ClusterRole")
+    for ns in ("apps", "ops"):
+        role = [d for d in by_kind(docs, "Role") if d["metadata"].get("namespace") == ns][0]
+        for want in DISCOVERY_RULES:
+            assert want in role["rules"]
+    with pytest.raises(helm_python.HelmError):
+        render({"discovery": {"enabled": "yes"}})
+    with pytest.raises(helm_python.HelmError):
+        render({"discovery": {"enabled": True, "extra": 1}})
+    report = helm_python.lint(str(CHART), {"discovery": {"enabled": True}}, strict=True)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+
+
 def test_watched_kinds_are_readable_and_nothing_more():
     values = {"watchNamespaces": ["apps"],
               "watchKinds": [{"apiGroup": "", "resources": ["configmaps"]},

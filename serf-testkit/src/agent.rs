@@ -195,7 +195,8 @@ fn sanitize(name: &str) -> String {
 }
 
 impl Agent {
-    /// Starts an agent with fresh free ports on 127.0.0.1 and waits until it is usable.
+    /// Starts an agent with fresh free ports on 127.0.0.1 (gossip on
+    /// [`AgentConfig::bind_ip`] if set) and waits until it is usable.
     ///
     /// If `join` is non-empty the agent is started with `-join=ADDR` for each
     /// address (and `-replay` if [`AgentConfig::replay`] is set), and the start
@@ -217,7 +218,7 @@ impl Agent {
                 )
             })?;
         let mut agent = Agent {
-            bind_addr: loopback(free_port()?),
+            bind_addr: SocketAddr::new(cfg.gossip_ip(), free_port()?),
             rpc_addr: loopback(free_port()?),
             cfg,
             dir,
@@ -251,7 +252,7 @@ impl Agent {
                 Ok(()) => return Ok(agent),
                 // Someone else took a port between free_port() and the agent's bind.
                 Err(f) if f.addr_in_use && attempts < 4 => {
-                    agent.bind_addr = loopback(free_port()?);
+                    agent.bind_addr = SocketAddr::new(agent.cfg.gossip_ip(), free_port()?);
                     agent.rpc_addr = loopback(free_port()?);
                 }
                 Err(f) => return Err(f.error),

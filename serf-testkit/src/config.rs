@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -32,6 +33,7 @@ pub struct AgentConfig {
     replay: bool,
     config_file: Map<String, Value>,
     binary: Option<PathBuf>,
+    bind_ip: Option<IpAddr>,
 }
 
 impl AgentConfig {
@@ -50,6 +52,7 @@ impl AgentConfig {
             replay: false,
             config_file: Map::new(),
             binary: None,
+            bind_ip: None,
         }
     }
 
@@ -126,6 +129,19 @@ impl AgentConfig {
     pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
         self.binary = Some(path.into());
         self
+    }
+
+    /// Gossips on `ip` (`-bind` and `-advertise`) instead of 127.0.0.1, e.g. an address of a
+    /// test interface where a consumer refuses loopback addresses. The RPC stays on
+    /// 127.0.0.1.
+    pub fn bind_ip(mut self, ip: IpAddr) -> Self {
+        self.bind_ip = Some(ip);
+        self
+    }
+
+    /// The address gossip binds to: [`AgentConfig::bind_ip`], or 127.0.0.1.
+    pub fn gossip_ip(&self) -> IpAddr {
+        self.bind_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
     }
 
     /// The node name.

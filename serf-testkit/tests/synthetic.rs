@@ -241,6 +241,20 @@ async fn conversation(
         "stats before auth",
         c.call("stats", 4, None, true).await,
     ));
+    // A refused request's body is not read: the agent takes it as the next header, which
+    // keeps the previous command and seq, and refuses it again.
+    let ev = map(&[
+        ("Name", Value::from("early")),
+        ("Payload", Value::Binary(b"x".to_vec())),
+        ("Coalesce", Value::from(false)),
+    ]);
+    let (h1, _) = c.call("event", 30, Some(ev), false).await;
+    let (h2, _) = c.reply(30, false).await;
+    steps.push(Step {
+        label: "event before auth",
+        frames: vec![h1, h2],
+        closed: false,
+    });
     let auth = |k: &str| Some(map(&[("AuthKey", Value::from(k))]));
     steps.push(step(
         "bad auth",
@@ -403,6 +417,22 @@ async fn conversation(
     let mut s = step("unknown command", r);
     s.closed = c.closed().await;
     steps.push(s);
+
+    // A members-filtered regex that does not compile: the connection closes, no reply.
+    let mut c = Raw::connect(addr).await;
+    c.call("handshake", 1, hs(1), false).await;
+    c.call("auth", 2, auth(AUTH), false).await;
+    let bad = map(&[
+        ("Tags", Value::Nil),
+        ("Status", Value::from("")),
+        ("Name", Value::from("(")),
+    ]);
+    c.send("members-filtered", 3, Some(bad)).await;
+    steps.push(Step {
+        label: "bad regex",
+        frames: Vec::new(),
+        closed: c.closed().await,
+    });
     steps
 }
 
@@ -427,9 +457,16 @@ fn compare(real: &[Step], synthetic: &[Step]) {
                 assert_eq!(key_order(rf), key_order(sf), "{what}: frame {i} key order");
             }
         }
-        let (rh, sh) = (&r.frames[0], &s.frames[0]);
-        assert_eq!(get(rh, "Error"), get(sh, "Error"), "{what}: error string");
-        assert_eq!(get(rh, "Seq"), get(sh, "Seq"), "{what}: seq");
+        let is_header = |v: &Value| key_order(v) == ["\"Error\"", "\"Seq\""];
+        for (rh, sh) in r
+            .frames
+            .iter()
+            .zip(&s.frames)
+            .filter(|(rh, _)| is_header(rh))
+        {
+            assert_eq!(get(rh, "Error"), get(sh, "Error"), "{what}: error string");
+            assert_eq!(get(rh, "Seq"), get(sh, "Seq"), "{what}: seq");
+        }
         // Member maps: keys in the agent's order.
         if let Some(body) = r.frames.get(1) {
             let members = |b: &Value| get(b, "Members").as_array().cloned().unwrap_or_default();
@@ -486,6 +523,20 @@ async fn frames_match_a_real_agent() {
     .await;
     drop(joined);
     compare(&real_steps, &synthetic_steps);
+    let closing: Vec<&str> = real_steps
+        .iter()
+        .filter(|s| s.closed)
+        .map(|s| s.label)
+        .collect();
+    assert_eq!(
+        closing,
+        ["before handshake", "unknown command", "bad regex"]
+    );
+    let twice = real_steps
+        .iter()
+        .find(|s| s.label == "event before auth")
+        .unwrap();
+    assert_eq!(twice.frames.len(), 2);
 
     // The stats sections and their keys, beyond the kinds compared above.
     let stats = |steps: &[Step]| {
@@ -575,6 +626,8 @@ async fn storm_of_ten_thousand_failures_reaches_a_reading_client() {
         spread >= Duration::from_millis(1900),
         "spread over the duration: {spread:?}"
     );
+    assert!(agent.settled(WAIT).await);
+    assert_eq!(agent.queued(), 0);
     let (seen, client_dropped) = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
     assert_eq!(seen, 10_000);
     assert_eq!(client_dropped, 0);
@@ -614,6 +667,15 @@ async fn a_stalled_subscriber_loses_events_at_the_stream() {
     while agent.dropped() == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(
+        !agent.settled(Duration::from_millis(50)).await,
+        "records stay queued for a subscriber that does not read"
+    );
+    let queued = agent.queued();
+    assert!(
+        queued > 0 && queued <= 512,
+        "at most the agent's 512 queued: {queued}"
+    );
     let dropped = agent.dropped();
     println!(
         "events dropped at the stream: {dropped}, written to the socket: {}",
@@ -640,8 +702,8 @@ async fn coalescing_batches_member_and_user_events_like_the_agent() {
     let members = SyntheticMember::numbered("c", 0..1000, [("role", "web")]);
     let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
     let window = Coalesce {
-        period: Duration::from_millis(400),
-        quiescent: Duration::from_millis(100),
+        period: Duration::from_millis(600),
+        quiescent: Duration::from_millis(250),
     };
     let agent = SyntheticAgent::start(
         SyntheticConfig::new("co")
@@ -651,12 +713,13 @@ async fn coalescing_batches_member_and_user_events_like_the_agent() {
     .await
     .unwrap();
     // The agent's own join at start goes through the first window: let it pass.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.settled(WAIT).await);
     let client = Client::connect(client_config(&agent)).await.unwrap();
     let mut stream = client.stream("*").await.unwrap();
 
     agent.fail(&names[..500]);
     agent.fail(&names[500..]);
+    assert_eq!(agent.coalescing(), 1000, "held until the window closes");
     let Event::Member(m) = next(&mut stream).await else {
         panic!("a member event")
     };
@@ -740,4 +803,71 @@ async fn queries_are_answered_through_the_client_and_recorded() {
     }
     assert!(client.is_closed());
     assert!(Client::connect(client_config(&agent)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_leave_tags_and_leave_commands_change_the_cluster() {
+    let agent = SyntheticAgent::start(
+        SyntheticConfig::new("cmds")
+            .tag("role", "web")
+            .members([SyntheticMember::new("gone"), SyntheticMember::new("alive")])
+            .coalesce(None),
+    )
+    .await
+    .unwrap();
+    let client = Client::connect(client_config(&agent)).await.unwrap();
+    let mut stream = client
+        .stream("member-leave,member-reap,member-update")
+        .await
+        .unwrap();
+
+    agent.fail(["gone"]);
+    client.force_leave("gone", false).await.unwrap();
+    let Event::Member(m) = next(&mut stream).await else {
+        panic!("a member event")
+    };
+    assert_eq!(m.kind.as_str(), "member-leave");
+    assert_eq!(m.members[0].status.as_str(), "left");
+    client.force_leave("gone", true).await.unwrap();
+    let Event::Member(m) = next(&mut stream).await else {
+        panic!("a member event")
+    };
+    assert_eq!(
+        (m.kind.as_str(), m.members[0].status.as_str()),
+        ("member-reap", "left")
+    );
+    assert_eq!(agent.status("gone"), None);
+    // An alive member is not force-left, and an unknown one is no error.
+    client.force_leave("alive", true).await.unwrap();
+    client.force_leave("nobody", false).await.unwrap();
+    assert_eq!(agent.status("alive"), Some(Status::Alive));
+
+    client
+        .tags(
+            &[("dc".to_string(), "east".to_string())].into(),
+            &["role".to_string()],
+        )
+        .await
+        .unwrap();
+    let Event::Member(m) = next(&mut stream).await else {
+        panic!("a member event")
+    };
+    assert_eq!(m.kind.as_str(), "member-update");
+    assert_eq!(m.members[0].name, "cmds");
+    assert_eq!(
+        m.members[0].tags,
+        [("dc".to_string(), "east".to_string())].into()
+    );
+    let stats = client.stats().await.unwrap();
+    assert_eq!(
+        stats["tags"],
+        [("dc".to_string(), "east".to_string())].into()
+    );
+
+    client.leave().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !agent.is_stopped() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(agent.is_stopped());
 }

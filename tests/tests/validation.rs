@@ -110,7 +110,7 @@ async fn a_job_template_the_api_server_refuses_shows_at_once() {
 
 /// The documented CRD upgrade (Helm never updates `crds/`):
 /// `serf-operator crds --out - | kubectl apply --server-side --force-conflicts -f -` applies
-/// both CRDs over whatever installed them, and both stay established.
+/// every CRD over whatever installed them, and all stay established.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crds_upgrade_by_server_side_apply() {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -163,6 +163,7 @@ async fn crds_upgrade_by_server_side_apply() {
     for name in [
         "serfhandlers.serf.operator.io",
         "serfeventtriggers.serf.operator.io",
+        "serfservices.serf.operator.io",
     ] {
         let crd = api.get(name).await.unwrap();
         let established = crd

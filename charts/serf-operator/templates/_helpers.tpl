@@ -72,6 +72,23 @@ unless given. */}}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.discovery.enabled }}
+# Service discovery: SerfServices, and the Services and EndpointSlices they publish (written
+# by server-side apply, which creates what is missing; deleted when a SerfService stops
+# publishing them). Their ConfigMaps fall under the configmaps rule above.
+- apiGroups: ["serf.operator.io"]
+  resources: ["serfservices"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["serf.operator.io"]
+  resources: ["serfservices/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+{{- end }}
 {{- range .Values.watchKinds }}
 # Read for SerfEventTriggers that watch it (spec.watch).
 - apiGroups: [{{ .apiGroup | quote }}]

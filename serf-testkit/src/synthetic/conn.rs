@@ -270,8 +270,19 @@ impl Conn {
                 if self.streams.contains(&self.seq) {
                     return self.send(STREAM_EXISTS, None).await;
                 }
+                // Registered before the ack, so no event played after the client has the ack
+                // is missed; written only after it, so the ack comes first, as at the agent.
+                let rx = self.register_stream(filters);
                 self.send("", None).await?;
-                self.open_stream(filters);
+                tokio::spawn(stream_records(
+                    self.inner.clone(),
+                    self.writer.clone(),
+                    self.seq,
+                    rx,
+                    self.queries.clone(),
+                    self.closed.subscribe(),
+                    self.client.clone(),
+                ));
                 Ok(())
             }
             "monitor" => {
@@ -330,7 +341,7 @@ impl Conn {
         }
     }
 
-    fn open_stream(&mut self, filters: Vec<Filter>) {
+    fn register_stream(&mut self, filters: Vec<Filter>) -> mpsc::Receiver<Item> {
         let (tx, rx) = mpsc::channel(self.inner.stream_queue);
         self.streams.insert(self.seq);
         lock(&self.inner.streams).push(StreamReg {
@@ -340,15 +351,7 @@ impl Conn {
             tx,
             client: self.client.clone(),
         });
-        tokio::spawn(stream_records(
-            self.inner.clone(),
-            self.writer.clone(),
-            self.seq,
-            rx,
-            self.queries.clone(),
-            self.closed.subscribe(),
-            self.client.clone(),
-        ));
+        rx
     }
 
     async fn query(&mut self, body: &Body<'_>) -> Result<(), String> {
