@@ -777,8 +777,9 @@ async fn queries_are_answered_through_the_client_and_recorded() {
         .await
         .unwrap();
     let mut stream = client.stream("query:load").await.unwrap();
-    let ltime = agent.query("other", b"x", Duration::from_secs(5));
-    let ltime2 = agent.query("load", b"5m", Duration::from_secs(5));
+    // Deadlines long enough for a loaded machine: the answer must come before them.
+    let ltime = agent.query("other", b"x", Duration::from_secs(30));
+    let ltime2 = agent.query("load", b"5m", Duration::from_secs(30));
     assert_eq!(ltime2, ltime + 1);
     let Some(Ok(Event::Query(q))) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() else {
         panic!("a query")
