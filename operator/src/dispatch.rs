@@ -193,6 +193,10 @@ pub struct Dispatcher<E> {
     selection_at: Option<Instant>,
 }
 
+/// The record's clocks before this replica wrote them: its first change writes the header
+/// too (it exists from the first member on, whatever the clocks).
+const UNWRITTEN: (u64, u64) = (u64::MAX, u64::MAX);
+
 /// How often, at most, member events republish every handler's member selection (a storm
 /// of thousands of member events is one selection a second, not one an event).
 pub const SELECTION_EVERY: Duration = Duration::from_secs(1);
@@ -207,7 +211,6 @@ impl<E: Effects> Dispatcher<E> {
         active: Box<dyn ActiveJobs + Send>,
         effects: E,
     ) -> Self {
-        let clocks = (membership.epoch, membership.event_clock);
         Dispatcher {
             engine: Engine::new(&[], membership),
             node: SelfNode::default(),
@@ -218,7 +221,7 @@ impl<E: Effects> Dispatcher<E> {
             effects,
             catch_up: true,
             epoch_check_pending: false,
-            clocks,
+            clocks: UNWRITTEN,
             selection_dirty: false,
             selection_at: None,
         }
@@ -277,9 +280,10 @@ impl<E: Effects> Dispatcher<E> {
                 self.leader = leader;
                 if became {
                     if let Some(m) = membership {
-                        self.clocks = (m.epoch, m.event_clock);
                         self.engine.set_membership(m);
                     }
+                    // The new leader writes the header with its first change.
+                    self.clocks = UNWRITTEN;
                     if let Some(c) = self.serf.clone() {
                         self.catch_up_members(&c).await;
                     }

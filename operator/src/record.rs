@@ -226,32 +226,20 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
         ),
         None => None,
     };
-    let Some(header) = header else {
-        // Nothing, or a record from before the shards.
-        return match data.remove(LEGACY_KEY) {
-            Some(text) => {
-                let mut membership: Membership =
-                    serde_json::from_str(&text).map_err(|e| Error::Corrupt {
-                        what: format!("ConfigMap {name} key {LEGACY_KEY}"),
-                        message: e.to_string(),
-                    })?;
-                membership.intern_all();
-                tracing::info!(
-                    members = membership.members.len(),
-                    "membership record of an earlier version: it moves into shards on the next write"
-                );
-                Ok(Loaded {
-                    membership,
-                    legacy: true,
-                    skipped: 0,
-                    absent: (0..SHARDS).collect(),
-                })
-            }
-            None => Ok(Loaded {
-                absent: (0..SHARDS).collect(),
-                ..Loaded::default()
-            }),
-        };
+    let header = match header {
+        Some(h) => h,
+        // A record from before the shards.
+        None if data.contains_key(LEGACY_KEY) => {
+            return read_legacy(&name, data.remove(LEGACY_KEY).unwrap_or_default());
+        }
+        // No header: its clocks never moved (or it was lost); the shards are read all the
+        // same, so that members written before their header are not taken for new.
+        None => Header {
+            format: FORMAT,
+            shards: SHARDS,
+            epoch: 0,
+            event_clock: 0,
+        },
     };
     if header.format != FORMAT {
         return Err(Error::Corrupt {
@@ -314,6 +302,25 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
         legacy: false,
         skipped,
         absent,
+    })
+}
+
+/// A record of an earlier version: every member under one key of the header.
+fn read_legacy(name: &str, text: String) -> Result<Loaded, Error> {
+    let mut membership: Membership = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+        what: format!("ConfigMap {name} key {LEGACY_KEY}"),
+        message: e.to_string(),
+    })?;
+    membership.intern_all();
+    tracing::info!(
+        members = membership.members.len(),
+        "membership record of an earlier version: it moves into shards on the next write"
+    );
+    Ok(Loaded {
+        membership,
+        legacy: true,
+        skipped: 0,
+        absent: (0..SHARDS).collect(),
     })
 }
 

@@ -464,12 +464,21 @@ async fn only_changed_members_go_to_the_record_and_selections_are_throttled() {
     assert_eq!(
         written,
         [
+            // The header alone, when the handlers came (before any member).
+            vec![],
             vec![("db-1".to_string(), "alive".to_string())],
             vec![("web-1".to_string(), "alive".to_string())],
             vec![("db-1".to_string(), "failed".to_string())],
         ]
     );
-    assert!(f.records.iter().all(|c| c.header.is_none() && !c.legacy));
+    // The header goes with the first change (it exists from the start), then only when
+    // the clocks move.
+    assert_eq!(f.records[0].header, Some((0, 0)));
+    assert!(
+        f.records[1..]
+            .iter()
+            .all(|c| c.header.is_none() && !c.legacy)
+    );
     // Three member changes within a second: the first publishes at once, the rest wait.
     assert_eq!(f.selections, before + 1);
     assert_eq!(f.members["apps/db"], ["db-1"]);

@@ -376,6 +376,23 @@ async fn bad_entries_and_odd_members_lose_nothing_else() {
 }
 
 #[tokio::test]
+async fn shards_without_a_header_are_read() {
+    let (client, store) = client();
+    let mut c = RecordChanges::default();
+    c.members.insert("node-1".into(), member(1, "failed"));
+    record::write(&client, "serf-system", c, T).await.1.unwrap();
+    assert!(
+        !store
+            .lock()
+            .unwrap()
+            .objects
+            .contains_key("serf-operator-membership")
+    );
+    let back = record::read(&client, "serf-system", T).await.unwrap();
+    assert_eq!(back.membership.members["node-1"].status, "failed");
+}
+
+#[tokio::test]
 async fn no_record_reads_empty_and_a_header_of_another_format_is_named() {
     let (client, store) = client();
     let back = record::read(&client, "serf-system", T).await.unwrap();
