@@ -9,8 +9,8 @@
 //!   stable hash of its name; a shard exists once it holds a member.
 //!
 //! A write is one JSON merge patch per shard touched, naming only the changed members' keys
-//! (a shard that does not exist yet is created by server-side apply), then the header when
-//! its clocks moved. A record of 50,000 members is some 64 objects of about 120 KiB each, far
+//! (a shard that does not exist yet is created with them), then the header, with a leader's
+//! first change and when the clocks move. Shards are read even when the header is missing. A record of 50,000 members is some 64 objects of about 120 KiB each, far
 //! inside the API server's 1 MiB limit; one member's change writes about 200 bytes.
 //!
 //! Earlier versions kept every member in the header under `membership.json`: such a record
