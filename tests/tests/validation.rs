@@ -1,7 +1,7 @@
 //! End to end on a real cluster (KUBECONFIG): a handler whose Job template the API server
 //! would refuse shows Ready=False with the API server's message as soon as it is applied
 //! (a dry-run create of each route's Job), before any event; fixed, it turns Ready=True; the
-//! check creates nothing.
+//! check creates nothing. The API server refuses a SerfService whose name no Service can have.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -174,4 +174,38 @@ async fn crds_upgrade_by_server_side_apply() {
             .any(|c| c.type_ == "Established" && c.status == "True");
         assert!(established, "{name} not established");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serf_service_named_what_no_service_can_be_is_refused() {
+    let Some(client) = cluster_or_skip("the SerfService name check").await else {
+        return;
+    };
+    install_crds(&client).await.unwrap();
+    let ns = TempNamespace::create(&client, "svcname").await.unwrap();
+    let api: Api<serf_operator_crds::SerfService> = Api::namespaced(client.clone(), &ns.name);
+    let svc = |name: &str| {
+        serde_json::json!({
+            "apiVersion": "serf.operator.io/v1alpha1", "kind": "SerfService",
+            "metadata": {"name": name, "namespace": ns.name},
+            "spec": {"selector": {"tags": {"role": "db"}}, "ports": [{"name": "pg", "port": 5432}],
+                     "publish": {"service": true}},
+        })
+    };
+    // Valid object names for a custom resource, but not for a Service.
+    for bad in ["1db", "db.eu", &"d".repeat(64)] {
+        let e = api
+            .patch(bad, &PatchParams::apply("e2e"), &Patch::Apply(svc(bad)))
+            .await
+            .expect_err(bad);
+        let text = e.to_string();
+        assert!(text.contains("is its Service's name"), "{bad}: {text}");
+    }
+    api.patch(
+        "db-eu",
+        &PatchParams::apply("e2e"),
+        &Patch::Apply(svc("db-eu")),
+    )
+    .await
+    .unwrap();
 }
