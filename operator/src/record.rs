@@ -226,15 +226,13 @@ pub async fn read(client: &Client, namespace: &str, timeout: Duration) -> Result
         ),
         None => None,
     };
-    let header = match header {
-        Some(h) => h,
+    let header = match (header, data.remove(LEGACY_KEY)) {
+        (Some(h), _) => h,
         // A record from before the shards.
-        None if data.contains_key(LEGACY_KEY) => {
-            return read_legacy(&name, data.remove(LEGACY_KEY).unwrap_or_default());
-        }
+        (None, Some(legacy)) => return read_legacy(&name, legacy),
         // No header: its clocks never moved (or it was lost); the shards are read all the
         // same, so that members written before their header are not taken for new.
-        None => Header {
+        (None, None) => Header {
             format: FORMAT,
             shards: SHARDS,
             epoch: 0,
@@ -376,17 +374,16 @@ pub async fn write(
         )
         .await;
         if let Err(e) = r {
-            let mut left = RecordChanges {
-                members: BTreeMap::new(),
+            let left = RecordChanges {
+                absent: changes.absent.difference(&written).copied().collect(),
                 header: changes.header,
                 legacy: changes.legacy,
-                absent: changes.absent.difference(&written).copied().collect(),
+                members: changes
+                    .members
+                    .into_iter()
+                    .filter(|(n, _)| !written.contains(&shard_of(n)))
+                    .collect(),
             };
-            left.members = changes
-                .members
-                .into_iter()
-                .filter(|(n, _)| !written.contains(&shard_of(n)))
-                .collect();
             return (stats, Err((e, left)));
         }
         written.insert(*shard);

@@ -25,7 +25,9 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serf_operator_crds::SerfService;
-use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, http_get, install_crds};
+use serf_operator_e2e::{
+    OperatorProcess, TempNamespace, cluster_or_skip, cpu_ms, http_get, install_crds, rss_kib,
+};
 use serf_testkit::{SyntheticAgent, SyntheticConfig, SyntheticMember};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -33,33 +35,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, in ms (100 Hz clock ticks).
-fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (t(11) + t(12)) * 10
 }
 
 /// What the watch has seen: each slice by name, and how many changes it delivered.

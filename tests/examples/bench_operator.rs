@@ -32,7 +32,9 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serf_client::ClientConfig;
-use serf_operator_e2e::{OperatorProcess, TempNamespace, cluster_or_skip, http_get, install_crds};
+use serf_operator_e2e::{
+    OperatorProcess, TempNamespace, cluster_or_skip, cpu_ms, http_get, install_crds, rss_kib,
+};
 use serf_testkit::{Agent, AgentConfig};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -41,29 +43,6 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
         return f64::NAN;
     }
     v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, in ms (100 Hz clock ticks).
-fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks * 10
 }
 
 fn job(name: &str) -> Job {

@@ -47,22 +47,12 @@ fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    status_mib(pid, "VmRSS:")
+    serf_operator_e2e::rss_kib(pid) as f64 / 1024.0
 }
 
 /// The peak RSS so far.
 fn peak_mib(pid: u32) -> f64 {
-    status_mib(pid, "VmHWM:")
-}
-
-fn status_mib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+    serf_operator_e2e::proc_status_kib(pid, "VmHWM:") as f64 / 1024.0
 }
 
 /// The sum of a metric's samples (all label sets) in the operator's exposition.

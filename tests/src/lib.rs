@@ -567,3 +567,32 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
     buf.starts_with("HTTP/1.1 200")
         .then(|| buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
 }
+
+/// A field of a process's `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`); 0 when unknown.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A process's resident set, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// utime + stime of a process, in ms (100 Hz clock ticks).
+pub fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks * 10
+}
